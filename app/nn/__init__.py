@@ -1,0 +1,13 @@
+"""Torch modules: the character-level recurrent language model and its state helpers."""
+
+from app.nn.model import (
+    ARCHS,
+    CharRNN,
+    ModelConfig,
+    State,
+    select_state,
+    split_state,
+    stack_states,
+)
+
+__all__ = ["ARCHS", "CharRNN", "ModelConfig", "State", "select_state", "split_state", "stack_states"]

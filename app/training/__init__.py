@@ -1,0 +1,1 @@
+"""Training pipeline: corpus preparation, batching, the trainer and evaluation."""

@@ -1,0 +1,249 @@
+"""The trainer: stateful truncated BPTT with AdamW, clipping, warmup+cosine LR and resumable state."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from app.checkpoint import save_checkpoint
+from app.nn import CharRNN, ModelConfig, State
+from app.training.evaluate import stream_loss
+from app.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+VAL_STREAMS = 16  # validation during training runs the split as 16 parallel streams, for speed
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    arch: str = "lstm"
+    embedding_size: int = 64
+    hidden_size: int = 512
+    num_layers: int = 2
+    dropout: float = 0.2
+    batch_size: int = 64
+    seq_len: int = 128
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_steps: int = 10_000
+    eval_every: int = 500
+    time_budget_s: float = math.inf  # stop (after saving) once this much training time has passed
+    seed: int = 1337
+    threads: int = 0  # 0: torch's default
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(
+            arch=self.arch,
+            vocab_size=vocab_size,
+            embedding_size=self.embedding_size,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            dropout=self.dropout,
+        )
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class StreamBatches:
+    """The text as `batch_size` contiguous streams, read `seq_len` characters at a time.
+
+    Window i of an epoch continues window i-1 in every stream, so the recurrent state can be
+    carried from one window to the next (truncated BPTT).
+    """
+
+    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int) -> None:
+        n = (len(ids) - 1) // batch_size
+        if n < seq_len + 1:
+            raise ValueError(f"text too short: {len(ids)} chars for batch {batch_size} x seq {seq_len}")
+        self.x = ids[: n * batch_size].view(batch_size, n).t().contiguous()  # (N, B)
+        self.y = ids[1 : n * batch_size + 1].view(batch_size, n).t().contiguous()  # (N, B)
+        self.seq_len = seq_len
+        self.windows = n // seq_len
+
+    def window(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = i * self.seq_len
+        return self.x[s : s + self.seq_len], self.y[s : s + self.seq_len]  # (T, B) each
+
+
+def detach(state: State) -> State:
+    if isinstance(state, tuple):
+        return (state[0].detach(), state[1].detach())
+    return state.detach()
+
+
+class Trainer:
+    """Trains one model; `run_dir` holds resumable state, `out_dir` the best checkpoint."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        vocab: Vocab,
+        train_text: str,
+        val_text: str,
+        out_dir: Path,
+        run_dir: Path,
+        corpus: dict[str, Any] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.vocab = vocab
+        self.out_dir = out_dir
+        self.run_dir = run_dir
+        self.corpus = corpus or {}
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.model = CharRNN(cfg.model_config(len(vocab)))
+        self.optim = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.train_ids = torch.tensor(vocab.encode(train_text, unknown="skip"), dtype=torch.long)
+        self.val_ids = torch.tensor(vocab.encode(val_text, unknown="skip"), dtype=torch.long)
+        self.batches = StreamBatches(self.train_ids, cfg.batch_size, cfg.seq_len)
+        self.step = 0
+        self.elapsed = 0.0  # training seconds so far, across resumes
+        self.best_val = math.inf
+        self.curve: list[dict[str, float]] = []
+
+    # -- resumable state (safetensors + JSON, never pickle) ------------------------------
+
+    def save_state(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {f"model.{k}": v.contiguous() for k, v in self.model.state_dict().items()}
+        opt = self.optim.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for pid, st in opt["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"optim.{pid}.{k}"] = v.contiguous()
+                else:
+                    scalars.setdefault(str(pid), {})[k] = v
+        tensors["rng.torch"] = torch.get_rng_state()
+        tmp = self.run_dir / "state.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.run_dir / "state.safetensors")
+        info = {
+            "train_config": asdict(self.cfg),
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "best_val": self.best_val,
+            "curve": self.curve,
+            "param_groups": opt["param_groups"],
+            "optim_scalars": scalars,
+            "vocab": self.vocab.chars,
+        }
+        tmp = self.run_dir / "state.json.tmp"
+        tmp.write_text(json.dumps(info, indent=1))
+        os.replace(tmp, self.run_dir / "state.json")
+
+    def load_state(self) -> bool:
+        path = self.run_dir / "state.json"
+        if not path.exists():
+            return False
+        info = json.loads(path.read_text())
+        if info["vocab"] != self.vocab.chars:
+            raise ValueError(f"{self.run_dir}: saved run has a different vocabulary")
+        tensors = load_file(str(self.run_dir / "state.safetensors"))
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict[int, dict[str, Any]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, pid, key = k.split(".", 2)
+                state.setdefault(int(pid), {})[key] = v
+        for pid, extra in info["optim_scalars"].items():
+            state.setdefault(int(pid), {}).update(extra)
+        self.optim.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step, self.elapsed = info["step"], info["elapsed"]
+        self.best_val, self.curve = info["best_val"], info["curve"]
+        return True
+
+    # -- training ------------------------------------------------------------------------
+
+    def evaluate(self) -> float:
+        return stream_loss(self.model, self.val_ids, streams=VAL_STREAMS).nats_per_char
+
+    def save_best(self, val: float) -> None:
+        meta = {
+            "corpus": self.corpus,
+            "training": {
+                **asdict(self.cfg),
+                "time_budget_s": None if math.isinf(self.cfg.time_budget_s) else self.cfg.time_budget_s,
+                "steps": self.step,
+                "chars_seen": self.step * self.cfg.batch_size * self.cfg.seq_len,
+                "train_seconds": round(self.elapsed, 1),
+                "parameters": self.model.num_parameters,
+            },
+            "metrics": {"val_nats_per_char_16_streams": round(val, 4)},
+            "curve": self.curve,
+        }
+        save_checkpoint(self.out_dir, self.model, self.vocab, meta)
+
+    def train(self, progress: bool = True) -> float:
+        """Train until max_steps or the time budget; returns the best validation loss."""
+        cfg = self.cfg
+        self.model.train()
+        state: State | None = None
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not progress, dynamic_ncols=True)
+        window_chars = cfg.batch_size * cfg.seq_len
+        smoothed = None
+        tick = time.perf_counter()
+        while self.step < cfg.max_steps and self.elapsed < cfg.time_budget_s:
+            i = self.step % self.batches.windows
+            if i == 0:
+                state = None  # new epoch: streams restart at the beginning
+            x, y = self.batches.window(i)
+            for group in self.optim.param_groups:
+                group["lr"] = lr_at(self.step, cfg)
+            logits, state = self.model(x, state)
+            state = detach(state)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            self.optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optim.step()
+            self.step += 1
+            now = time.perf_counter()
+            dt, tick = now - tick, now
+            self.elapsed += dt
+            smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{smoothed:.3f}", chars_s=f"{window_chars / max(dt, 1e-9):.0f}")
+            done = self.step >= cfg.max_steps or self.elapsed >= cfg.time_budget_s
+            if self.step % cfg.eval_every == 0 or done:
+                val = self.evaluate()
+                self.curve.append(
+                    {"step": self.step, "seconds": round(self.elapsed, 1), "train": round(smoothed, 4), "val": round(val, 4)}
+                )
+                bar.write(f"step {self.step}: train {smoothed:.4f} val {val:.4f} nats/char ({self.elapsed:.0f}s)")
+                if val < self.best_val:
+                    self.best_val = val
+                    self.save_best(val)
+                self.save_state()
+                tick = time.perf_counter()  # evaluation time is not training time
+        bar.close()
+        return self.best_val
+
+
+def train_config_from(args: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from a mapping, ignoring keys that are not fields (CLI namespaces)."""
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in args.items() if k in names and v is not None})
