@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.training.corpus import Corpus
 
 DATA_DIR = Path("data/shakespeare")
 
@@ -44,20 +46,58 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2))
 
 
-def evaluate_splits(model_dir: Path, data: object) -> dict[str, float]:
+def evaluate_splits(model_dir: Path, data: Corpus) -> dict[str, float]:
+    """Reported metrics: one stream over each whole held-out split."""
     from app.checkpoint import load_checkpoint
-    from app.training.evaluate import stream_loss
+    from app.training.evaluate import text_loss
 
     ckpt = load_checkpoint(model_dir)
     metrics: dict[str, float] = {}
     for split in ("val", "test"):
-        ids = ckpt.vocab.encode(data.text(split), unknown="skip")  # type: ignore[attr-defined]
-        import torch
-
-        loss = stream_loss(ckpt.model, torch.tensor(ids, dtype=torch.long))
+        loss = text_loss(ckpt.model, ckpt.vocab, data.text(split))
         metrics[f"{split}_nats_per_char"] = round(loss.nats_per_char, 4)
         metrics[f"{split}_bits_per_char"] = round(loss.bits_per_char, 4)
     return metrics
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from app.checkpoint import load_checkpoint
+    from app.training.corpus import Corpus
+    from app.training.evaluate import text_loss
+
+    ckpt = load_checkpoint(Path(args.models_dir) / args.model)
+    if args.text:
+        text, source = Path(args.text).read_text(encoding="utf-8"), args.text
+    else:
+        text, source = Corpus(Path(args.data)).text(args.split), f"{args.split} split of {args.data}"
+    skipped = sum(ch not in ckpt.vocab for ch in text)
+    loss = text_loss(ckpt.model, ckpt.vocab, text)
+    print(f"{ckpt.name} on {source}: {loss.chars:,} chars ({skipped} outside the vocabulary skipped)")
+    print(f"{loss.nats_per_char:.4f} nats/char  {loss.bits_per_char:.4f} bits/char  perplexity {loss.perplexity:.3f}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import secrets
+
+    from app.checkpoint import load_checkpoint
+    from app.engine.generate import GenerationRequest, generate
+    from app.engine.sampling import SamplingParams
+
+    ckpt = load_checkpoint(Path(args.models_dir) / args.model)
+    vocab = ckpt.vocab
+    seed = args.seed if args.seed is not None else secrets.randbits(63)
+    params = SamplingParams(strategy=args.strategy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    req = GenerationRequest(
+        ids=[vocab.bos, *vocab.encode(args.prompt)], max_tokens=args.max_tokens, params=params, seed=seed
+    )
+    result = generate(ckpt.model, list(vocab.chars), req, None)
+    print(args.prompt + vocab.decode(result.ids))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    uvicorn.run("app.main:app", host=args.host, port=args.port, log_level=args.log_level)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,14 +118,51 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the run directory's state")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     for flag, typ in [
-        ("embedding-size", int), ("hidden-size", int), ("num-layers", int), ("dropout", float),
-        ("batch-size", int), ("seq-len", int), ("lr", float), ("min-lr-ratio", float),
-        ("warmup-steps", int), ("weight-decay", float), ("grad-clip", float), ("max-steps", int),
-        ("eval-every", int), ("seed", int), ("threads", int),
+        ("embedding-size", int),
+        ("hidden-size", int),
+        ("num-layers", int),
+        ("dropout", float),
+        ("batch-size", int),
+        ("seq-len", int),
+        ("lr", float),
+        ("min-lr-ratio", float),
+        ("warmup-steps", int),
+        ("weight-decay", float),
+        ("grad-clip", float),
+        ("max-steps", int),
+        ("eval-every", int),
+        ("seed", int),
+        ("threads", int),
     ]:
         t.add_argument(f"--{flag}", type=typ)
     t.add_argument("--time-budget", dest="time_budget_s", type=float, help="seconds of training, then stop")
     t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="streaming nats/char and bits/char of a model on a text")
+    e.add_argument("--model", required=True)
+    e.add_argument("--models-dir", default="models")
+    e.add_argument("--text", help="a UTF-8 text file (default: a split of the corpus)")
+    e.add_argument("--data", default=str(DATA_DIR))
+    e.add_argument("--split", choices=["train", "val", "test"], default="test")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="print a sample from a model")
+    g.add_argument("--model", default="shakespeare-lstm")
+    g.add_argument("--models-dir", default="models")
+    g.add_argument("--prompt", default="")
+    g.add_argument("--max-tokens", type=int, default=200)
+    g.add_argument("--strategy", choices=["greedy", "sample"], default="sample")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="serve the models over HTTP (settings from RNNSERVE_* variables)")
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=cmd_serve)
 
     return p
 
@@ -96,4 +173,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

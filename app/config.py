@@ -19,6 +19,7 @@ class Settings(BaseSettings):
     session_ttl: int = Field(86_400, ge=1, description="Seconds a session lives after its last update.")
     max_prompt_chars: int = Field(100_000, ge=1, description="Longest accepted prompt, in characters.")
     max_tokens_limit: int = Field(10_000, ge=1, description="Largest accepted max_tokens.")
+    max_running: int = Field(64, ge=1, description="Generations running at once; more are refused with 429.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: torch's default.")
     log_level: str = Field("info", description="Log level of the service.")
 

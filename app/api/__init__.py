@@ -1,0 +1,1 @@
+"""HTTP layer: wire schemas, routes and the error handlers; no tensors in here."""

@@ -1,0 +1,80 @@
+"""Maps every error to the one JSON shape {"error": {"type", "message", "param"}} and its status."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    OverloadedError,
+    PayloadTooLargeError,
+    RnnserveError,
+    UnavailableError,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[RnnserveError], int] = {
+    InvalidRequestError: 422,
+    NotFoundError: 404,
+    ConflictError: 409,
+    PayloadTooLargeError: 413,
+    OverloadedError: 429,
+    UnavailableError: 503,
+}
+HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+              405: "invalid_request_error", 413: "payload_too_large_error"}  # fmt: skip
+
+
+def error_body(type_: str, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"type": type_, "message": message, "param": param}}
+
+
+def status_of(exc: RnnserveError) -> int:
+    return next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
+
+
+def rnnserve_error_response(exc: RnnserveError) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverloadedError) else None
+    return JSONResponse(error_body(exc.type, exc.message, exc.param), status_code=status_of(exc), headers=headers)
+
+
+def describe_validation_error(err: dict[str, Any]) -> tuple[str, str | None]:
+    """(message, param) for one pydantic error: the message names the field and the allowed values."""
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+    ctx = err.get("ctx") or {}
+    param = ctx.get("param") or (".".join(loc) if loc else None)
+    msg = err.get("msg", "invalid value")
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def register_exception_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RnnserveError)
+    async def _domain(request: Request, exc: RnnserveError) -> JSONResponse:
+        return rnnserve_error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        if errors and errors[0].get("type") == "json_invalid":
+            return JSONResponse(error_body("invalid_request_error", "request body is not valid JSON"), 400)
+        message, param = describe_validation_error(errors[0]) if errors else ("invalid request", None)
+        return JSONResponse(error_body("invalid_request_error", message, param), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = HTTP_TYPES.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "internal_error")
+        return JSONResponse(error_body(type_, str(exc.detail)), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal_error", "internal server error"), 500)

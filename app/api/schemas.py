@@ -1,0 +1,119 @@
+"""Wire models of the HTTP API (requests validated at the edge, responses documented in OpenAPI)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic_core import PydanticCustomError
+
+from app.engine.sampling import BEAM_ONLY, SAMPLE_ONLY
+
+MAX_SEED = 2**63 - 1
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+    param: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=128, description="Registry name; default: the default model.")
+    prompt: str = Field("", description="Text fed before generating (may be empty).")
+    max_tokens: int = Field(200, ge=1, description="Characters to generate, 1..RNNSERVE_MAX_TOKENS_LIMIT.")
+    strategy: Literal["greedy", "sample", "beam"] = Field("sample", description="Decoding strategy.")
+    temperature: float = Field(1.0, gt=0, le=100, description="sample: softmax temperature, > 0.")
+    top_k: int = Field(0, ge=0, description="sample: keep the k most likely characters; 0: off.")
+    top_p: float = Field(1.0, gt=0, le=1, description="sample: nucleus mass in (0, 1]; 1: off.")
+    min_p: float = Field(0.0, ge=0, lt=1, description="sample: drop characters below min_p x the top one; 0: off.")
+    beam_width: int = Field(4, ge=2, le=16, description="beam: number of beams, 2..16.")
+    stop: list[StopString] = Field(default_factory=list, max_length=8, description="Up to 8 stop strings.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Same request and seed: same text.")
+    logprobs: int = Field(0, ge=0, le=5, description="Per character: its logprob and the top-n alternatives.")
+    unknown_chars: Literal["error", "skip"] = Field("error", description="Characters outside the vocabulary.")
+    session_id: str | None = Field(None, max_length=128, description="Continue this session.")
+    save_session: bool = Field(True, description="Store the final state and return its session_id.")
+    stream: bool = Field(False, description="Answer as text/event-stream.")
+
+    @model_validator(mode="after")
+    def _parameters_match_strategy(self) -> GenerateRequest:
+        owned = {"sample": SAMPLE_ONLY, "beam": BEAM_ONLY}
+        for strategy, names in owned.items():
+            if self.strategy == strategy:
+                continue
+            for name in names:
+                if name in self.model_fields_set:
+                    raise PydanticCustomError(
+                        "strategy_param",
+                        "{param} applies only to strategy '{owner}', not '{strategy}'",
+                        {"param": name, "owner": strategy, "strategy": self.strategy},
+                    )
+        return self
+
+
+class TopLogprob(BaseModel):
+    text: str
+    logprob: float
+
+
+class CharLogprob(BaseModel):
+    text: str
+    logprob: float
+    top_logprobs: list[TopLogprob]
+
+
+class Usage(BaseModel):
+    prompt_chars: int
+    completion_chars: int
+    session_chars: int
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    model: str
+    text: str
+    finish_reason: Literal["length", "stop", "cancelled"]
+    session_id: str | None
+    seed: int
+    usage: Usage
+    logprobs: list[CharLogprob] | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    arch: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    parameters: int
+    corpus: str | None
+    val_nats_per_char: float | None
+    test_nats_per_char: float | None
+    sha256: str
+
+
+class ModelDetail(ModelInfo):
+    vocab: str
+
+
+class ModelList(BaseModel):
+    default: str | None
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    models: int
+    store: str

@@ -1,0 +1,1 @@
+"""Inference: sampling, stopping and the generation loop; no HTTP in here."""
