@@ -81,7 +81,8 @@ def load_checkpoint(directory: Path) -> Checkpoint:
     name = directory.name
     weights = directory / WEIGHTS
     if not weights.is_file():
-        others = sorted(p.name for p in directory.iterdir() if p.suffix in {".pt", ".pth", ".bin", ".pkl"})
+        listing = directory.iterdir() if directory.is_dir() else iter(())
+        others = sorted(p.name for p in listing if p.suffix in {".pt", ".pth", ".bin", ".pkl"})
         hint = f" (found {', '.join(others)}: only safetensors weights are loaded)" if others else ""
         raise CheckpointError(f"{name}: missing {WEIGHTS}{hint}")
     meta = _read_json(directory / META)

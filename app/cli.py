@@ -90,7 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     req = GenerationRequest(
         ids=[vocab.bos, *vocab.encode(args.prompt)], max_tokens=args.max_tokens, params=params, seed=seed
     )
-    result = generate(ckpt.model, list(vocab.chars), req, None)
+    result = generate(ckpt.model, vocab.chars, req, None)
     print(args.prompt + vocab.decode(result.ids))
 
 

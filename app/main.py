@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api.errors import register_exception_handlers
-from app.api.routes import generate, health, models
+from app.api.routes import generate, health, models, score
 from app.config import Settings, get_settings
 from app.engine.engine import Engine
 from app.registry import Registry
@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     register_exception_handlers(app)
-    for module in (generate, models, health):
+    for module in (generate, score, models, health):
         app.include_router(module.router)
     return app
 

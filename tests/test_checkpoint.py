@@ -17,9 +17,7 @@ from app.vocab import Vocab
 
 
 @pytest.mark.parametrize("arch", ["rnn", "lstm", "gru"])
-def test_round_trip_is_bit_exact(
-    arch: str, tmp_path: Path, tiny_model: Callable[..., CharRNN], vocab: Vocab
-) -> None:
+def test_round_trip_is_bit_exact(arch: str, tmp_path: Path, tiny_model: Callable[..., CharRNN], vocab: Vocab) -> None:
     model = tiny_model(arch, dropout=0.1)
     meta = {"corpus": {"name": "tiny"}, "metrics": {"val_nats_per_char": 1.5}, "curve": [{"step": 1}]}
     digest = save_checkpoint(tmp_path / "m", model, vocab, meta)
@@ -156,3 +154,16 @@ def test_update_meta_merges_and_keeps_sha256(checkpoint_dir: Path) -> None:
     assert after["corpus"] == before["corpus"]
     assert load_checkpoint(checkpoint_dir).meta["metrics"] == {"val_nats_per_char": 1.25}
     assert not list(checkpoint_dir.glob("*.tmp"))
+
+
+def test_missing_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("fields", [{"hidden_size": 16.0}, {"num_layers": 1.5}])
+def test_non_integer_sizes_in_config_are_refused(checkpoint_dir: Path, fields: dict[str, object]) -> None:
+    config = json.loads((checkpoint_dir / CONFIG).read_text())
+    (checkpoint_dir / CONFIG).write_text(json.dumps({**config, **fields}))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(checkpoint_dir)

@@ -66,6 +66,8 @@ def register_exception_handlers(app: FastAPI) -> None:
         errors = list(exc.errors())
         if errors and errors[0].get("type") == "json_invalid":
             return JSONResponse(error_body("invalid_request_error", "request body is not valid JSON"), 400)
+        if errors and tuple(errors[0].get("loc", ())) == ("body",) and "param" not in (errors[0].get("ctx") or {}):
+            return JSONResponse(error_body("invalid_request_error", "request body must be a JSON object"), 400)
         message, param = describe_validation_error(errors[0]) if errors else ("invalid request", None)
         return JSONResponse(error_body("invalid_request_error", message, param), 422)
 

@@ -59,6 +59,30 @@ class GenerateRequest(BaseModel):
         return self
 
 
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=128, description="Registry name; default: the default model.")
+    text: str = Field(..., description="Text to score, up to RNNSERVE_MAX_PROMPT_CHARS characters.")
+    session_id: str | None = Field(None, max_length=128, description="Score as this session's continuation.")
+    per_char: bool = Field(False, description="Also return each character's logprob.")
+    unknown_chars: Literal["error", "skip"] = Field("error", description="Characters outside the vocabulary.")
+
+
+class CharScore(BaseModel):
+    text: str
+    logprob: float
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    chars: int
+    nats_per_char: float
+    bits_per_char: float
+    perplexity: float
+    per_char: list[CharScore] | None = None
+
+
 class TopLogprob(BaseModel):
     text: str
     logprob: float

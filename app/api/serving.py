@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 
-from app.api.schemas import CharLogprob, GenerateRequest, GenerateResponse, TopLogprob, Usage
+from app.api.schemas import (
+    CharLogprob,
+    CharScore,
+    GenerateRequest,
+    GenerateResponse,
+    ScoreRequest,
+    ScoreResponse,
+    TopLogprob,
+    Usage,
+)
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.generate import GenerationRequest
@@ -13,11 +23,15 @@ from app.errors import InvalidRequestError, NotFoundError
 from app.registry import Registry
 
 
-def check_limits(req: GenerateRequest, settings: Settings) -> None:
-    if len(req.prompt) > settings.max_prompt_chars:
+def check_text_limit(text: str, settings: Settings, param: str) -> None:
+    if len(text) > settings.max_prompt_chars:
         raise InvalidRequestError(
-            f"prompt: {len(req.prompt)} characters is over the limit of {settings.max_prompt_chars}", param="prompt"
+            f"{param}: {len(text)} characters is over the limit of {settings.max_prompt_chars}", param=param
         )
+
+
+def check_limits(req: GenerateRequest, settings: Settings) -> None:
+    check_text_limit(req.prompt, settings, "prompt")
     if req.max_tokens > settings.max_tokens_limit:
         raise InvalidRequestError(
             f"max_tokens: must be in 1..{settings.max_tokens_limit}, got {req.max_tokens}", param="max_tokens"
@@ -38,8 +52,6 @@ def sampling_params(req: GenerateRequest) -> SamplingParams:
 async def generate(req: GenerateRequest, registry: Registry, engine: Engine, settings: Settings) -> GenerateResponse:
     ckpt = registry.get(req.model)
     check_limits(req, settings)
-    if req.strategy == "beam":
-        raise InvalidRequestError("strategy: 'beam' is not available yet; use 'greedy' or 'sample'", param="strategy")
     if req.session_id is not None:
         raise NotFoundError(f"session {req.session_id!r} not found", param="session_id")
     vocab = ckpt.vocab
@@ -78,4 +90,26 @@ async def generate(req: GenerateRequest, registry: Registry, engine: Engine, set
             prompt_chars=len(prompt_ids), completion_chars=len(text), session_chars=len(prompt_ids) + len(text)
         ),
         logprobs=logprobs,
+    )
+
+
+async def score(req: ScoreRequest, registry: Registry, engine: Engine, settings: Settings) -> ScoreResponse:
+    ckpt = registry.get(req.model)
+    check_text_limit(req.text, settings, "text")
+    if req.session_id is not None:
+        raise NotFoundError(f"session {req.session_id!r} not found", param="session_id")
+    vocab = ckpt.vocab
+    ids = vocab.encode(req.text, req.unknown_chars, param="text")
+    if not ids:
+        raise InvalidRequestError("text: must contain at least one character of the model's vocabulary", "text")
+    logprobs = await engine.score(ckpt, [vocab.bos, *ids])
+    nats = -sum(logprobs) / len(logprobs)
+    per_char = [CharScore(text=vocab.chars[i], logprob=lp) for i, lp in zip(ids, logprobs, strict=True)]
+    return ScoreResponse(
+        model=ckpt.name,
+        chars=len(ids),
+        nats_per_char=nats,
+        bits_per_char=nats / math.log(2),
+        perplexity=math.exp(nats),
+        per_char=per_char if req.per_char else None,
     )

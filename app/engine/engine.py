@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from app.checkpoint import Checkpoint
-from app.engine.generate import GenerationRequest, GenerationResult, generate
+from app.engine.generate import GenerationRequest, GenerationResult, generate, score
 from app.errors import OverloadedError
 from app.nn import State
 
@@ -22,6 +22,10 @@ class Engine:
             )
         self.running += 1
         try:
-            return await asyncio.to_thread(generate, ckpt.model, list(ckpt.vocab.chars), req, state)
+            return await asyncio.to_thread(generate, ckpt.model, ckpt.vocab.chars, req, state)
         finally:
             self.running -= 1
+
+    async def score(self, ckpt: Checkpoint, ids: list[int], state: State | None = None) -> list[float]:
+        """Per-character logprobs of ids[1:], off the event loop."""
+        return await asyncio.to_thread(score, ckpt.model, ids, state)

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from app.engine.beam import beam_search
 from app.engine.sampling import SamplingParams, choose
 from app.engine.stopping import StopChecker
 from app.nn import CharRNN, State
@@ -54,10 +55,12 @@ def prefill(model: CharRNN, ids: list[int], state: State | None) -> State:
 
 
 @torch.inference_mode()
-def generate(model: CharRNN, decode: list[str], req: GenerationRequest, state: State | None) -> GenerationResult:
+def generate(model: CharRNN, decode: str, req: GenerationRequest, state: State | None) -> GenerationResult:
     """Generate up to max_tokens characters after `req.ids`, continuing from `state`."""
     state = prefill(model, req.ids[:-1], state)
     pending = req.ids[-1]
+    if req.params.strategy == "beam":
+        return _beam(model, decode, req, state, pending)
     generator = torch.Generator().manual_seed(req.seed)
     stopper = StopChecker(req.stop)
     out: list[int] = []
@@ -84,3 +87,23 @@ def generate(model: CharRNN, decode: list[str], req: GenerationRequest, state: S
         # the state has consumed the stop string: the session continues after it
         out = out[:text_len]
     return GenerationResult(out, finish, state, pending, logprobs[: len(out)])
+
+
+def _beam(model: CharRNN, decode: str, req: GenerationRequest, state: State, pending: int) -> GenerationResult:
+    width = req.params.beam_width
+    beam, state = beam_search(model, decode, state, pending, req.max_tokens, width, req.stop, req.logprobs)
+    logprobs = [TokenLogprob(i, lp, top) for i, lp, top in zip(beam.ids, beam.logprobs, beam.top, strict=False)]
+    if beam.stopped_at >= 0:
+        return GenerationResult(beam.ids[: beam.stopped_at], "stop", state, beam.ids[-1], logprobs[: beam.stopped_at])
+    return GenerationResult(beam.ids, "length", state, beam.ids[-1], logprobs)
+
+
+@torch.inference_mode()
+def score(model: CharRNN, ids: list[int], state: State | None) -> list[float]:
+    """Logprob of each of ids[1:] given everything before it, starting from `state`."""
+    if state is None:
+        state = model.zero_state(1)
+    x = torch.tensor(ids, dtype=torch.long).view(-1, 1)
+    logits, _ = model(x[:-1], state)  # (T-1, 1, V)
+    lp = torch.log_softmax(logits[:, 0].float(), dim=-1)
+    return lp.gather(1, x[1:]).squeeze(1).tolist()

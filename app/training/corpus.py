@@ -85,7 +85,7 @@ def build(works: dict[str, str], out: Path) -> Corpus:
         raise RuntimeError(f"corpus lacks the held-out works {missing}")
     out.mkdir(parents=True, exist_ok=True)
     by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
-    for name in works:
+    for name in sorted(works):
         by_split[split_of(name)].append(name)
     texts = {s: "\n".join(works[w] for w in names) for s, names in by_split.items()}
     for s, text in texts.items():

@@ -42,7 +42,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_steps: int = 10_000
     eval_every: int = 500
-    time_budget_s: float = math.inf  # stop (after saving) once this much training time has passed
+    time_budget_s: float | None = None  # stop (after saving) once this much training time has passed
     seed: int = 1337
     threads: int = 0  # 0: torch's default
 
@@ -122,6 +122,8 @@ class Trainer:
         self.elapsed = 0.0  # training seconds so far, across resumes
         self.best_val = math.inf
         self.curve: list[dict[str, float]] = []
+        self.carry: State | None = None  # the recurrent state carried into the next window
+        self.smoothed: float | None = None  # running average of the training loss
 
     # -- resumable state (safetensors + JSON, never pickle) ------------------------------
 
@@ -137,6 +139,9 @@ class Trainer:
                 else:
                     scalars.setdefault(str(pid), {})[k] = v
         tensors["rng.torch"] = torch.get_rng_state()
+        if self.carry is not None:
+            carry = self.carry if isinstance(self.carry, tuple) else (self.carry,)
+            tensors.update({f"carry.{j}": t.contiguous() for j, t in enumerate(carry)})
         tmp = self.run_dir / "state.safetensors.tmp"
         save_file(tensors, str(tmp))
         os.replace(tmp, self.run_dir / "state.safetensors")
@@ -146,6 +151,7 @@ class Trainer:
             "elapsed": self.elapsed,
             "best_val": self.best_val,
             "curve": self.curve,
+            "smoothed": self.smoothed,
             "param_groups": opt["param_groups"],
             "optim_scalars": scalars,
             "vocab": self.vocab.chars,
@@ -172,6 +178,9 @@ class Trainer:
             state.setdefault(int(pid), {}).update(extra)
         self.optim.load_state_dict({"state": state, "param_groups": info["param_groups"]})
         torch.set_rng_state(tensors["rng.torch"])
+        carry = [tensors[k] for k in ("carry.0", "carry.1") if k in tensors]
+        self.carry = (carry[0], carry[1]) if len(carry) == 2 else (carry[0] if carry else None)
+        self.smoothed = info.get("smoothed")
         self.step, self.elapsed = info["step"], info["elapsed"]
         self.best_val, self.curve = info["best_val"], info["curve"]
         return True
@@ -186,7 +195,6 @@ class Trainer:
             "corpus": self.corpus,
             "training": {
                 **asdict(self.cfg),
-                "time_budget_s": None if math.isinf(self.cfg.time_budget_s) else self.cfg.time_budget_s,
                 "steps": self.step,
                 "chars_seen": self.step * self.cfg.batch_size * self.cfg.seq_len,
                 "train_seconds": round(self.elapsed, 1),
@@ -197,24 +205,27 @@ class Trainer:
         }
         save_checkpoint(self.out_dir, self.model, self.vocab, meta)
 
+    @property
+    def finished(self) -> bool:
+        out_of_time = self.cfg.time_budget_s is not None and self.elapsed >= self.cfg.time_budget_s
+        return self.step >= self.cfg.max_steps or out_of_time
+
     def train(self, progress: bool = True) -> float:
         """Train until max_steps or the time budget; returns the best validation loss."""
         cfg = self.cfg
         self.model.train()
-        state: State | None = None
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not progress, dynamic_ncols=True)
         window_chars = cfg.batch_size * cfg.seq_len
-        smoothed = None
         tick = time.perf_counter()
-        while self.step < cfg.max_steps and self.elapsed < cfg.time_budget_s:
+        while not self.finished:
             i = self.step % self.batches.windows
             if i == 0:
-                state = None  # new epoch: streams restart at the beginning
+                self.carry = None  # new epoch: streams restart at the beginning
             x, y = self.batches.window(i)
             for group in self.optim.param_groups:
                 group["lr"] = lr_at(self.step, cfg)
-            logits, state = self.model(x, state)
-            state = detach(state)
+            logits, state = self.model(x, self.carry)
+            self.carry = detach(state)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
             self.optim.zero_grad(set_to_none=True)
             loss.backward()
@@ -224,11 +235,11 @@ class Trainer:
             now = time.perf_counter()
             dt, tick = now - tick, now
             self.elapsed += dt
-            smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
+            smoothed = loss.item() if self.smoothed is None else 0.98 * self.smoothed + 0.02 * loss.item()
+            self.smoothed = smoothed
             bar.update(1)
             bar.set_postfix(loss=f"{smoothed:.3f}", chars_s=f"{window_chars / max(dt, 1e-9):.0f}")
-            done = self.step >= cfg.max_steps or self.elapsed >= cfg.time_budget_s
-            if self.step % cfg.eval_every == 0 or done:
+            if self.step % cfg.eval_every == 0 or self.finished:
                 val = self.evaluate()
                 self.curve.append(
                     {

@@ -109,7 +109,6 @@ def test_build_is_deterministic(tmp_path: Path) -> None:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
-@pytest.mark.xfail(reason="build() joins works in the dict's order, not name order as documented", strict=True)
 def test_build_does_not_depend_on_dict_order(tmp_path: Path) -> None:
     works = _fake_works()
     build(works, tmp_path / "a")

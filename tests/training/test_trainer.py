@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import replace
@@ -133,10 +134,6 @@ def test_resume_at_an_epoch_boundary_is_exact(
     _resume_matches_one_run(tmp_path, vocab, tiny_text, cfg, half=_windows(vocab, tiny_text, cfg))
 
 
-@pytest.mark.xfail(
-    reason="Trainer.train starts from state=None and save_state does not save the carried recurrent state",
-    strict=True,
-)
 @pytest.mark.parametrize("arch", ["lstm", "gru"])
 def test_resume_mid_epoch_is_exact(tmp_path: Path, vocab: Vocab, tiny_text: str, arch: str) -> None:
     cfg = _cfg(arch=arch)
@@ -179,7 +176,7 @@ def test_lr_warmup_is_linear_and_reaches_lr() -> None:
     cfg = _cfg(lr=1e-2, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     warm = [lr_at(s, cfg) for s in range(10)]
     assert warm[0] == pytest.approx(1e-3)
-    steps = [b - a for a, b in zip(warm, warm[1:], strict=False)]
+    steps = [b - a for a, b in itertools.pairwise(warm)]
     assert steps == pytest.approx([1e-3] * 9)
     assert warm[-1] == pytest.approx(1e-2)
     assert lr_at(10, cfg) == pytest.approx(1e-2)
@@ -188,7 +185,7 @@ def test_lr_warmup_is_linear_and_reaches_lr() -> None:
 def test_lr_cosine_decays_to_min_ratio() -> None:
     cfg = _cfg(lr=1e-2, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     decay = [lr_at(s, cfg) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(decay))
     assert lr_at(60, cfg) == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))  # half way: the mean
     assert lr_at(110, cfg) == pytest.approx(1e-3)
     assert lr_at(500, cfg) == pytest.approx(1e-3)  # past the end it stays at the floor

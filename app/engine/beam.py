@@ -1,0 +1,77 @@
+"""Beam search: keep the `width` most likely continuations, return the most likely one found."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from app.nn import CharRNN, State, select_state
+
+
+@dataclass
+class Beam:
+    ids: list[int]
+    score: float  # sum of the chosen characters' logprobs
+    logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)  # per step, when asked for
+    stopped_at: int = -1  # length of the text before the stop string, once one is reached
+
+
+def first_stop(text: str, stop: tuple[str, ...]) -> int:
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(hits) if hits else -1
+
+
+@torch.inference_mode()
+def beam_search(
+    model: CharRNN,
+    decode: str,
+    state: State,
+    pending: int,
+    max_tokens: int,
+    width: int,
+    stop: tuple[str, ...] = (),
+    top_n: int = 0,
+) -> tuple[Beam, State]:
+    """The highest-scoring beam and its final state (the state after its last character).
+
+    Live beams all have the same length; a beam that reaches a stop string is finished and
+    competes with the live beams at the end.
+    """
+    live = [Beam([], 0.0)]
+    inputs = torch.tensor([pending])
+    finished: list[tuple[Beam, State]] = []
+    window = max((len(s) for s in stop), default=0)
+    for _ in range(max_tokens):
+        logits, state = model(inputs.view(1, -1), state)
+        lp = torch.log_softmax(logits[0].float(), dim=-1)  # (B, V)
+        total = torch.tensor([b.score for b in live]).unsqueeze(1) + lp  # (B, V)
+        scores, flat = torch.topk(total.view(-1), min(width, total.numel()))
+        rows, cols = flat // lp.shape[1], flat % lp.shape[1]
+        tops = torch.topk(lp, top_n) if top_n else None
+        next_live = []
+        for r, c, s in zip(rows.tolist(), cols.tolist(), scores.tolist(), strict=True):
+            parent = live[r]
+            top = list(zip(tops.indices[r].tolist(), tops.values[r].tolist(), strict=True)) if tops else []
+            next_live.append(
+                Beam([*parent.ids, c], s, [*parent.logprobs, float(lp[r, c])], [*parent.top, top] if top_n else [])
+            )
+        live, state, inputs = next_live, select_state(state, rows), cols
+        if stop:
+            keep = []
+            for i, beam in enumerate(live):
+                # a stop string not seen before must end at the new character
+                tail = beam.ids[-window:]
+                at = first_stop("".join(decode[j] for j in tail), stop)
+                if at >= 0:
+                    beam.stopped_at = len(beam.ids) - len(tail) + at
+                    finished.append((beam, select_state(state, torch.tensor([i]))))
+                else:
+                    keep.append(i)
+            idx = torch.tensor(keep, dtype=torch.long)
+            live, state, inputs = [live[i] for i in keep], select_state(state, idx), inputs[idx]
+            if not live:
+                break
+    candidates = finished + [(b, select_state(state, torch.tensor([i]))) for i, b in enumerate(live)]
+    return max(candidates, key=lambda bs: bs[0].score)
