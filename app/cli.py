@@ -80,8 +80,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import secrets
 
     from app.checkpoint import load_checkpoint
-    from app.engine.generate import GenerationRequest, generate
+    from app.engine.generate import generate
     from app.engine.sampling import SamplingParams
+    from app.engine.sequence import GenerationRequest
 
     ckpt = load_checkpoint(Path(args.models_dir) / args.model)
     vocab = ckpt.vocab

@@ -19,7 +19,12 @@ class Settings(BaseSettings):
     session_ttl: int = Field(86_400, ge=1, description="Seconds a session lives after its last update.")
     max_prompt_chars: int = Field(100_000, ge=1, description="Longest accepted prompt, in characters.")
     max_tokens_limit: int = Field(10_000, ge=1, description="Largest accepted max_tokens.")
-    max_running: int = Field(64, ge=1, description="Generations running at once; more are refused with 429.")
+    max_batch: int = Field(128, ge=1, description="Generations advanced together in one step, per model.")
+    max_queue: int = Field(256, ge=0, description="Generations waiting for a slot, per model; beyond: 429.")
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest accepted request body; beyond: 413.")
+    max_ws_message_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024, description="Largest accepted WebSocket message; beyond: close 1009."
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: torch's default.")
     log_level: str = Field("info", description="Log level of the service.")
 

@@ -11,7 +11,8 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api.errors import register_exception_handlers
-from app.api.routes import generate, health, models, score
+from app.api.middleware import BodySizeLimit
+from app.api.routes import generate, health, models, score, ws
 from app.config import Settings, get_settings
 from app.engine.engine import Engine
 from app.registry import Registry
@@ -28,9 +29,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             torch.set_num_threads(settings.torch_threads)
         app.state.settings = settings
         app.state.registry = Registry.load(settings.models_dir, settings.default_model)
-        app.state.engine = Engine(settings.max_running)
+        app.state.engine = engine = Engine(settings.max_batch, settings.max_queue)
+        engine.start(app.state.registry.models)
         log.info("serving %d model(s), default %s", len(app.state.registry), app.state.registry.default)
-        yield
+        try:
+            yield
+        finally:
+            await engine.stop()
 
     app = FastAPI(
         title="rnnserve",
@@ -39,7 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     register_exception_handlers(app)
-    for module in (generate, score, models, health):
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    for module in (generate, ws, score, models, health):
         app.include_router(module.router)
     return app
 

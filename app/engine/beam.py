@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -33,17 +34,23 @@ def beam_search(
     width: int,
     stop: tuple[str, ...] = (),
     top_n: int = 0,
+    on_text: Callable[[str], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> tuple[Beam, State]:
     """The highest-scoring beam and its final state (the state after its last character).
 
     Live beams all have the same length; a beam that reaches a stop string is finished and
-    competes with the live beams at the end.
+    competes with the live beams at the end. `on_text` receives, as soon as it is certain, the
+    text that every candidate shares: no live beam and no finished beam can change it any more.
     """
     live = [Beam([], 0.0)]
     inputs = torch.tensor([pending])
     finished: list[tuple[Beam, State]] = []
     window = max((len(s) for s in stop), default=0)
+    emitted = 0
     for _ in range(max_tokens):
+        if cancelled is not None and cancelled():
+            break
         logits, state = model(inputs.view(1, -1), state)
         lp = torch.log_softmax(logits[0].float(), dim=-1)  # (B, V)
         total = torch.tensor([b.score for b in live]).unsqueeze(1) + lp  # (B, V)
@@ -73,5 +80,24 @@ def beam_search(
             live, state, inputs = [live[i] for i in keep], select_state(state, idx), inputs[idx]
             if not live:
                 break
+        if on_text is not None:
+            emitted = _emit_certain(decode, live, [b for b, _ in finished], window, emitted, on_text)
     candidates = finished + [(b, select_state(state, torch.tensor([i]))) for i, b in enumerate(live)]
     return max(candidates, key=lambda bs: bs[0].score)
+
+
+def _emit_certain(
+    decode: str, live: list[Beam], finished: list[Beam], window: int, emitted: int, on_text: Callable[[str], None]
+) -> int:
+    """Send the characters past `emitted` that all candidates share; returns the new count sent."""
+    # a live beam may still be cut by a stop string starting in its last window-1 characters
+    texts = [b.ids[: len(b.ids) - max(window - 1, 0)] for b in live] + [b.ids[: b.stopped_at] for b in finished]
+    if not texts:
+        return emitted
+    end = emitted
+    shortest = min(len(t) for t in texts)
+    while end < shortest and all(t[end] == texts[0][end] for t in texts):
+        end += 1
+    if end > emitted:
+        on_text("".join(decode[i] for i in texts[0][emitted:end]))
+    return end

@@ -1,31 +1,279 @@
-"""Engine: runs generation requests of the loaded models off the event loop, with bounded admission."""
+"""The engine: per model, one loop batches every running generation into each recurrent step."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
 
 from app.checkpoint import Checkpoint
-from app.engine.generate import GenerationRequest, GenerationResult, generate, score
+from app.engine.generate import run_beam, score
+from app.engine.sequence import GenerationRequest, GenerationResult, Sequence
 from app.errors import OverloadedError
-from app.nn import State
+from app.nn import State, select_state, stack_states
+
+log = logging.getLogger(__name__)
+
+# Steps run on a batch padded to a multiple of this many rows: CPU matmul kernels then give a row
+# the same bits whatever else is in the batch, so a seeded request's text never depends on load.
+ROW_MULTIPLE = 8
+
+
+class Stream:
+    """A client's view of one generation: coalesced text pieces, then the result."""
+
+    def __init__(self, engine: ModelEngine, seq: Sequence) -> None:
+        self.engine = engine
+        self.seq = seq
+        self.texts: list[str] = []
+        self.result: GenerationResult | None = None
+        self.delivered = False
+        self.sent = 0  # characters handed to the client so far
+        self._ready = asyncio.Event()
+
+    def push_text(self, text: str) -> None:
+        self.texts.append(text)
+        self._ready.set()
+
+    def finish(self, result: GenerationResult) -> None:
+        self.result = result
+        self._ready.set()
+
+    async def next(self, timeout: float | None = None) -> str | GenerationResult | None:
+        """All text made since the last call (at least one character), else the result once done.
+
+        None when `timeout` passes with nothing new. After the result, raises StopAsyncIteration.
+        """
+        if not self.texts and self.result is None:
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except TimeoutError:
+                return None
+        self._ready.clear()
+        if self.texts:
+            text = "".join(self.texts)
+            self.texts.clear()
+            self.sent += len(text)
+            return text
+        if self.result is not None and not self.delivered:
+            self.delivered = True
+            return self.result
+        raise StopAsyncIteration
+
+    def abort(self) -> None:
+        """Stop the generation (a no-op once it is done); its slot is freed at the next step."""
+        if self.result is None:
+            self.seq.cancelled = True
+
+
+class ModelEngine:
+    """Continuous batching for one model: requests join and leave between steps."""
+
+    def __init__(self, ckpt: Checkpoint, max_batch: int, max_queue: int, prefill_chunk: int = 1024) -> None:
+        self.ckpt = ckpt
+        self.model = ckpt.model
+        self.decode = ckpt.vocab.chars
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.waiting: deque[Stream] = deque()
+        self.prefilling: list[Stream] = []  # admitted, prompt still being fed
+        self.running: list[Stream] = []  # rows of self.state, in order
+        self.state: State | None = None
+        self.beams = 0
+        self.steps = 0
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{ckpt.name}")
+        self._task: asyncio.Task[None] | None = None
+
+    # -- public --------------------------------------------------------------------------
+
+    @property
+    def load(self) -> int:
+        return len(self.waiting) + len(self.prefilling) + len(self.running) + self.beams
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=f"engine-{self.ckpt.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    def submit(self, req: GenerationRequest, state: State | None = None) -> Stream:
+        """Queue a generation; raises OverloadedError when the queue is full."""
+        if self.load >= self.max_batch + self.max_queue:
+            raise OverloadedError(
+                f"model {self.ckpt.name} is at capacity ({self.max_batch} running, {self.max_queue} queued); "
+                "retry shortly",
+                retry_after=1,
+            )
+        stream = Stream(self, Sequence(req, self.decode, state))
+        if req.params.strategy == "beam":
+            self.beams += 1
+            asyncio.get_running_loop().create_task(self._run_beam(stream))
+        else:
+            self.waiting.append(stream)
+            self._wake.set()
+        return stream
+
+    async def score(self, ids: list[int], state: State | None = None) -> list[float]:
+        return await asyncio.to_thread(score, self.model, ids, state)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not (self.waiting or self.prefilling or self.running):
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            room = self.max_batch - len(self.running) - len(self.prefilling)
+            admitted = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+            try:
+                touched = await loop.run_in_executor(self._executor, self._step, admitted)
+            except Exception:
+                log.exception("engine step failed for model %s; failing its running requests", self.ckpt.name)
+                touched = self._fail_all()
+            for stream in touched:
+                text = stream.seq.take_unsent()
+                if text:
+                    stream.push_text(text)
+                if stream.seq.final is not None and stream.result is None:
+                    stream.finish(stream.seq.final)
+
+    @torch.inference_mode()
+    def _step(self, admitted: list[Stream]) -> list[Stream]:
+        """One engine step, off the event loop: feed prompts a chunk further, then decode one character."""
+        touched: list[Stream] = []
+        self.prefilling.extend(admitted)
+        joined = []
+        for stream in list(self.prefilling):
+            seq = stream.seq
+            if seq.cancelled:
+                self.prefilling.remove(stream)
+                seq.cancel()
+                seq.finish(None)  # the prompt was not fully read: no state to continue from
+                touched.append(stream)
+                continue
+            if seq.state is None:
+                seq.state = self.model.zero_state(1)
+            chunk, seq.to_prefill = seq.to_prefill[: self.prefill_chunk], seq.to_prefill[self.prefill_chunk :]
+            if chunk:
+                _, seq.state = self.model(torch.tensor(chunk).view(-1, 1), seq.state)
+            if not seq.to_prefill:
+                self.prefilling.remove(stream)
+                joined.append(stream)
+        if joined:
+            states = [s.seq.state for s in joined if s.seq.state is not None]
+            self.state = stack_states(([self.state] if self.state is not None else []) + states)
+            self.running.extend(joined)
+        for stream in joined:
+            stream.seq.state = None  # it lives in the batch now
+        for stream in self.running:
+            if stream.seq.cancelled:
+                stream.seq.cancel()
+        if any(s.seq.finish_reason is None for s in self.running):
+            self._decode_one()
+        self.steps += 1
+        # rows that finished leave the batch with their state
+        done = [i for i, s in enumerate(self.running) if s.seq.finish_reason is not None]
+        if done:
+            assert self.state is not None
+            for i in done:
+                self.running[i].seq.finish(select_state(self.state, torch.tensor([i])))
+            keep = [i for i in range(len(self.running)) if i not in set(done)]
+            self.state = select_state(self.state, torch.tensor(keep, dtype=torch.long)) if keep else None
+            touched.extend(self.running[i] for i in done)
+            self.running = [self.running[i] for i in keep]
+        touched.extend(self.running)
+        return touched
+
+    def _decode_one(self) -> None:
+        assert self.state is not None
+        n = len(self.running)
+        pad = -n % ROW_MULTIPLE
+        ids = torch.tensor([s.seq.pending for s in self.running] + [0] * pad).view(1, -1)
+        state = self.state
+        if pad:
+            state = stack_states([state, self.model.zero_state(pad)])
+        logits, state = self.model(ids, state)
+        self.state = select_state(state, torch.arange(n)) if pad else state
+        logits = logits[0]  # (B, V)
+        greedy = [i for i, s in enumerate(self.running) if s.seq.params.strategy == "greedy"]
+        argmax = logits[greedy].argmax(dim=-1).tolist() if greedy else []
+        chosen = dict(zip(greedy, argmax, strict=True))
+        for i, stream in enumerate(self.running):
+            if stream.seq.finish_reason is None:
+                stream.seq.advance(logits[i], chosen.get(i))
+
+    def _fail_all(self) -> list[Stream]:
+        failed = self.prefilling + self.running
+        for stream in failed:
+            stream.seq.cancel()
+            stream.seq.finish(None)
+        self.prefilling, self.running, self.state = [], [], None
+        return failed
+
+    async def _run_beam(self, stream: Stream) -> None:
+        loop = asyncio.get_running_loop()
+        seq = stream.seq
+
+        def on_text(text: str) -> None:
+            loop.call_soon_threadsafe(stream.push_text, text)
+
+        try:
+            result = await asyncio.to_thread(
+                run_beam, self.model, self.decode, seq.req, seq.state, on_text, lambda: seq.cancelled
+            )
+        finally:
+            self.beams -= 1
+        await asyncio.sleep(0)  # let the callbacks scheduled by the worker run first
+        streamed = sum(len(t) for t in stream.texts) + stream.sent
+        rest = self.decode_ids(result.ids)[streamed:]
+        if rest:
+            stream.push_text(rest)
+        stream.finish(result)
+
+    def decode_ids(self, ids: list[int]) -> str:
+        return "".join(self.decode[i] for i in ids)
 
 
 class Engine:
-    def __init__(self, max_running: int) -> None:
-        self.max_running = max_running
-        self.running = 0
+    """The engines of all loaded models."""
+
+    def __init__(self, max_batch: int, max_queue: int) -> None:
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.engines: dict[str, ModelEngine] = {}
+
+    def start(self, models: dict[str, Checkpoint]) -> None:
+        for name, ckpt in models.items():
+            self.engines[name] = ModelEngine(ckpt, self.max_batch, self.max_queue)
+            self.engines[name].start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(e.stop() for e in self.engines.values()))
+
+    def __getitem__(self, ckpt: Checkpoint) -> ModelEngine:
+        return self.engines[ckpt.name]
 
     async def generate(self, ckpt: Checkpoint, req: GenerationRequest, state: State | None = None) -> GenerationResult:
-        if self.running >= self.max_running:
-            raise OverloadedError(
-                f"{self.running} generations are running, the limit is {self.max_running}; retry shortly"
-            )
-        self.running += 1
+        """Run a generation to the end (no streaming)."""
+        stream = self[ckpt].submit(req, state)
         try:
-            return await asyncio.to_thread(generate, ckpt.model, ckpt.vocab.chars, req, state)
+            while True:
+                item = await stream.next()
+                if isinstance(item, GenerationResult):
+                    return item
         finally:
-            self.running -= 1
+            stream.abort()
 
     async def score(self, ckpt: Checkpoint, ids: list[int], state: State | None = None) -> list[float]:
         """Per-character logprobs of ids[1:], off the event loop."""
-        return await asyncio.to_thread(score, ckpt.model, ids, state)
+        return await self[ckpt].score(ids, state)

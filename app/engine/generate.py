@@ -1,46 +1,14 @@
-"""The generation loop of one request: prefill the prompt in one call, then one step per character."""
+"""The naive generation loop (one request, one recurrent call per character), prefill and scoring."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Callable
 
 import torch
 
 from app.engine.beam import beam_search
-from app.engine.sampling import SamplingParams, choose
-from app.engine.stopping import StopChecker
+from app.engine.sequence import FinishReason, GenerationRequest, GenerationResult, Sequence, TokenLogprob
 from app.nn import CharRNN, State
-
-FinishReason = Literal["length", "stop", "cancelled"]
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """`ids` are fed first; the last of them is the pending input of the first generated step."""
-
-    ids: list[int]
-    max_tokens: int
-    params: SamplingParams
-    seed: int
-    stop: tuple[str, ...] = ()
-    logprobs: int = 0
-
-
-@dataclass
-class TokenLogprob:
-    id: int
-    logprob: float
-    top: list[tuple[int, float]]
-
-
-@dataclass
-class GenerationResult:
-    ids: list[int]  # generated, the stop string excluded
-    finish_reason: FinishReason
-    state: State  # after consuming everything up to, not including, `pending`
-    pending: int  # the last character: the input of the next step
-    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @torch.inference_mode()
@@ -56,46 +24,44 @@ def prefill(model: CharRNN, ids: list[int], state: State | None) -> State:
 
 @torch.inference_mode()
 def generate(model: CharRNN, decode: str, req: GenerationRequest, state: State | None) -> GenerationResult:
-    """Generate up to max_tokens characters after `req.ids`, continuing from `state`."""
-    state = prefill(model, req.ids[:-1], state)
-    pending = req.ids[-1]
+    """Generate after `req.ids`, continuing from `state`: the baseline the batched engine is measured against."""
     if req.params.strategy == "beam":
-        return _beam(model, decode, req, state, pending)
-    generator = torch.Generator().manual_seed(req.seed)
-    stopper = StopChecker(req.stop)
-    out: list[int] = []
-    logprobs: list[TokenLogprob] = []
-    text_len = 0  # characters released by the stop checker so far
-    finish: FinishReason = "length"
-    for _ in range(req.max_tokens):
-        logits, state = model(torch.tensor([[pending]]), state)
-        logits = logits[0]  # (1, V)
-        nxt = int(choose(logits, req.params, generator)[0])
-        if req.logprobs:
-            lp = torch.log_softmax(logits[0].float(), dim=-1)
-            top = torch.topk(lp, req.logprobs)
-            alts = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-            logprobs.append(TokenLogprob(nxt, float(lp[nxt]), alts))
-        out.append(nxt)
-        pending = nxt
-        released, stopped = stopper.push(decode[nxt])
-        text_len += len(released)
-        if stopped:
-            finish = "stop"
-            break
-    if finish == "stop":
-        # the state has consumed the stop string: the session continues after it
-        out = out[:text_len]
-    return GenerationResult(out, finish, state, pending, logprobs[: len(out)])
+        return run_beam(model, decode, req, state)
+    seq = Sequence(req, decode, state)
+    state = prefill(model, seq.to_prefill, seq.state)
+    while seq.finish_reason is None:
+        logits, state = model(torch.tensor([[seq.pending]]), state)
+        seq.advance(logits[0, 0])
+    return seq.result(state)
 
 
-def _beam(model: CharRNN, decode: str, req: GenerationRequest, state: State, pending: int) -> GenerationResult:
+def run_beam(
+    model: CharRNN,
+    decode: str,
+    req: GenerationRequest,
+    state: State | None,
+    on_text: Callable[[str], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> GenerationResult:
+    """Beam search for one request; `on_text(str)` receives text as it becomes certain."""
+    state = prefill(model, req.ids[:-1], state)
     width = req.params.beam_width
-    beam, state = beam_search(model, decode, state, pending, req.max_tokens, width, req.stop, req.logprobs)
+    beam, state = beam_search(
+        model, decode, state, req.ids[-1], req.max_tokens, width, req.stop, req.logprobs, on_text, cancelled
+    )
     logprobs = [TokenLogprob(i, lp, top) for i, lp, top in zip(beam.ids, beam.logprobs, beam.top, strict=False)]
-    if beam.stopped_at >= 0:
-        return GenerationResult(beam.ids[: beam.stopped_at], "stop", state, beam.ids[-1], logprobs[: beam.stopped_at])
-    return GenerationResult(beam.ids, "length", state, beam.ids[-1], logprobs)
+    n = beam.stopped_at if beam.stopped_at >= 0 else len(beam.ids)
+    finish: FinishReason = "stop" if beam.stopped_at >= 0 else "length"
+    if finish == "length" and len(beam.ids) < req.max_tokens:
+        finish = "cancelled"
+    return GenerationResult(
+        ids=beam.ids[:n],
+        finish_reason=finish,
+        state=state,
+        pending=beam.ids[-1] if beam.ids else req.ids[-1],
+        generator_state=torch.Generator().manual_seed(req.seed).get_state(),
+        logprobs=logprobs[:n],
+    )
 
 
 @torch.inference_mode()

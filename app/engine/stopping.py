@@ -12,15 +12,24 @@ class StopChecker:
         self.buffer = ""
 
     def push(self, text: str) -> tuple[str, bool]:
-        """Add generated text; returns (text safe to emit, whether a stop string was reached)."""
-        self.buffer += text
-        hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.buffer = self.buffer[: min(hits)], ""
-            return out, True
-        cut = len(self.buffer) - self.hold
-        out, self.buffer = self.buffer[: max(cut, 0)], self.buffer[max(cut, 0) :]
-        return out, False
+        """Add generated text; returns (text safe to emit, whether a stop string was reached).
+
+        Text is read character by character, as it is generated: the first stop string to be
+        completed wins (of several completed by the same character, the one starting earliest).
+        """
+        out = []
+        for ch in text:
+            self.buffer += ch
+            starts = [len(self.buffer) - len(s) for s in self.stops if self.buffer.endswith(s)]
+            if starts:
+                out.append(self.buffer[: min(starts)])
+                self.buffer = ""
+                return "".join(out), True
+            if len(self.buffer) > self.hold:
+                cut = len(self.buffer) - self.hold
+                out.append(self.buffer[:cut])
+                self.buffer = self.buffer[cut:]
+        return "".join(out), False
 
     def flush(self) -> str:
         """What is still held back, once generation has ended without a stop."""

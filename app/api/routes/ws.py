@@ -1,0 +1,123 @@
+"""WebSocket /ws/generate: generate, cancel, and generate again on one socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+
+from app.api import serving
+from app.api.errors import describe_validation_error, error_body
+from app.api.schemas import GenerateRequest
+from app.api.serving import DoneEvent, ErrorEvent, TokenEvent
+from app.engine.engine import Stream
+from app.errors import RnnserveError
+
+router = APIRouter(tags=["generate"])
+log = logging.getLogger(__name__)
+MESSAGE_TOO_BIG = 1009
+
+
+class Connection:
+    """One socket: at most one generation at a time; sends are serialised."""
+
+    def __init__(self, ws: WebSocket) -> None:
+        self.ws = ws
+        self.lock = asyncio.Lock()
+        self.task: asyncio.Task[None] | None = None
+        self.stream: Stream | None = None
+
+    async def send(self, message: dict[str, Any]) -> None:
+        async with self.lock:
+            await self.ws.send_text(json.dumps(message, separators=(",", ":")))
+
+    async def error(self, type_: str, message: str, param: str | None = None) -> None:
+        await self.send({"type": "error", **error_body(type_, message, param)})
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    async def start(self, fields: dict[str, Any]) -> None:
+        app = self.ws.app
+        try:
+            req = GenerateRequest(**fields)
+            job, self.stream = serving.start_stream(req, app.state.registry, app.state.engine, app.state.settings)
+        except ValidationError as e:
+            message, param = describe_validation_error(dict(e.errors()[0]))
+            await self.error("invalid_request_error", message, param)
+            return
+        except RnnserveError as e:
+            await self.error(e.type, e.message, e.param)
+            return
+        self.task = asyncio.create_task(self.pump(job, self.stream))
+
+    async def pump(self, job: serving.Job, stream: Stream) -> None:
+        async for ev in serving.stream_events(job, stream):
+            if isinstance(ev, TokenEvent):
+                await self.send({"type": "token", "text": ev.text, "index": ev.index})
+            elif isinstance(ev, DoneEvent):
+                await self.send({"type": "done", **ev.response.model_dump()})
+            elif isinstance(ev, ErrorEvent):
+                await self.send({"type": "error", **ev.error})
+
+    async def close(self) -> None:
+        if self.stream is not None:
+            self.stream.abort()
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
+@router.websocket("/ws/generate")
+async def ws_generate(ws: WebSocket) -> None:
+    """Stream generations over a WebSocket; see the README for the message protocol."""
+    await ws.accept()
+    conn = Connection(ws)
+    limit = ws.app.state.settings.max_ws_message_bytes
+    try:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            text = message.get("text")
+            if text is None:
+                await conn.error("invalid_request_error", "binary frames are not accepted; send JSON text")
+                continue
+            if len(text.encode()) > limit:
+                await ws.close(MESSAGE_TOO_BIG, f"message over {limit} bytes")
+                break
+            await handle(conn, text)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        await conn.close()
+
+
+async def handle(conn: Connection, text: str) -> None:
+    try:
+        msg = json.loads(text)
+    except json.JSONDecodeError:
+        await conn.error("invalid_request_error", "message is not valid JSON")
+        return
+    if not isinstance(msg, dict):
+        await conn.error("invalid_request_error", "message must be a JSON object with a 'type'", "type")
+        return
+    kind = msg.pop("type", None)
+    if kind == "cancel":
+        if conn.busy and conn.stream is not None:
+            conn.stream.abort()
+        else:
+            await conn.error("invalid_request_error", "nothing to cancel: no generation is running", "type")
+    elif kind == "generate":
+        if conn.busy:
+            await conn.error("conflict_error", "a generation is already running on this socket; cancel it first")
+        else:
+            msg.pop("stream", None)  # a socket always streams
+            await conn.start(msg)
+    else:
+        await conn.error("invalid_request_error", "type must be one of 'generate', 'cancel'", "type")

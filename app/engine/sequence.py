@@ -1,0 +1,127 @@
+"""Sequence: one request's progress through decoding: what to feed, what was made, what may be shown."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from app.engine.sampling import SamplingParams, choose
+from app.engine.stopping import StopChecker
+from app.nn import State
+
+FinishReason = Literal["length", "stop", "cancelled"]
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """`ids` are fed first; the last of them is the pending input of the first generated step.
+
+    `generator_state` (a torch.Generator state) continues a sampler exactly; otherwise `seed` seeds it.
+    """
+
+    ids: list[int]
+    max_tokens: int
+    params: SamplingParams
+    seed: int
+    stop: tuple[str, ...] = ()
+    logprobs: int = 0
+    generator_state: Tensor | None = None
+
+
+@dataclass
+class TokenLogprob:
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class GenerationResult:
+    ids: list[int]  # generated, a stop string excluded
+    finish_reason: FinishReason
+    state: State | None  # after everything up to, not including, `pending`; None: cancelled mid-prompt
+    pending: int  # the last character: the input of the next step
+    generator_state: Tensor  # the sampler's generator, to continue exactly
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class Sequence:
+    """Decoding state of one request; the engine (or the naive loop) feeds it one row of logits per step."""
+
+    def __init__(self, req: GenerationRequest, decode: str, state: State | None) -> None:
+        self.id = next(_ids)
+        self.req = req
+        self.decode = decode
+        self.to_prefill = list(req.ids[:-1])  # still to run through the whole-sequence kernel
+        self.pending = req.ids[-1]
+        self.state = state  # batch 1, or None for a zero state; while running it lives in the batch
+        self.generator = torch.Generator()
+        if req.generator_state is not None:
+            self.generator.set_state(req.generator_state)
+        else:
+            self.generator.manual_seed(req.seed)
+        self.stopper = StopChecker(req.stop)
+        self.ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.released = 0  # characters of self.ids the stop checker has let out
+        self.unsent = ""  # released text not yet handed to the client
+        self.finish_reason: FinishReason | None = None
+        self.cancelled = False
+        self.final: GenerationResult | None = None
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.req.params
+
+    def advance(self, logits: Tensor, nxt: int | None = None) -> None:
+        """Take one step's logits (V,); choose the next character unless given (batched greedy)."""
+        if nxt is None:
+            nxt = int(choose(logits.unsqueeze(0), self.params, self.generator)[0])
+        if self.req.logprobs:
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            top = torch.topk(lp, self.req.logprobs)
+            alts = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+            self.logprobs.append(TokenLogprob(nxt, float(lp[nxt]), alts))
+        self.ids.append(nxt)
+        self.pending = nxt
+        text, stopped = self.stopper.push(self.decode[nxt])
+        if stopped:
+            self.finish_reason = "stop"
+        elif len(self.ids) >= self.req.max_tokens:
+            self.finish_reason = "length"
+            text += self.stopper.flush()
+        self.released += len(text)
+        self.unsent += text
+
+    def cancel(self) -> None:
+        """End now; what the stop checker held back is not a stop string, so it is released."""
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+            text = self.stopper.flush()
+            self.released += len(text)
+            self.unsent += text
+
+    def take_unsent(self) -> str:
+        text, self.unsent = self.unsent, ""
+        return text
+
+    def finish(self, state: State | None) -> None:
+        """Record the final result, with the state after the last character (None: not reached)."""
+        self.final = self.result(state)
+
+    def result(self, state: State | None) -> GenerationResult:
+        assert self.finish_reason is not None
+        n = self.released
+        return GenerationResult(
+            ids=self.ids[:n],
+            finish_reason=self.finish_reason,
+            state=state,
+            pending=self.pending,
+            generator_state=self.generator.get_state(),
+            logprobs=self.logprobs[:n],
+        )
