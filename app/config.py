@@ -15,8 +15,12 @@ class Settings(BaseSettings):
     models_dir: Path = Field(Path("models"), description="Directory scanned for checkpoints at startup.")
     default_model: str = Field("shakespeare-lstm", description="Model used when a request names none.")
     redis_url: str | None = Field(None, description="Redis URL for sessions; unset: in-process store.")
-    api_keys: str = Field("", description="Comma-separated API keys; empty: no authentication.")
+    redis_cluster: bool = Field(False, description="Use redis-py's cluster client for RNNSERVE_REDIS_URL.")
+    api_keys: str = Field("", description="Comma-separated API keys; empty (and no file): no authentication.")
+    api_keys_file: Path | None = Field(None, description="File with one API key per line, added to api_keys.")
     session_ttl: int = Field(86_400, ge=1, description="Seconds a session lives after its last update.")
+    max_session_ttl: int = Field(30 * 86_400, ge=1, description="Largest session_ttl a request may ask for.")
+    max_sessions: int = Field(10_000, ge=1, description="In-process store: sessions kept (least recently used go).")
     max_prompt_chars: int = Field(100_000, ge=1, description="Longest accepted prompt, in characters.")
     max_tokens_limit: int = Field(10_000, ge=1, description="Largest accepted max_tokens.")
     max_batch: int = Field(128, ge=1, description="Generations advanced together in one step, per model.")
@@ -27,6 +31,13 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: torch's default.")
     log_level: str = Field("info", description="Log level of the service.")
+
+    @property
+    def api_key_list(self) -> list[str]:
+        keys = [k.strip() for k in self.api_keys.split(",")]
+        if self.api_keys_file is not None:
+            keys += [line.strip() for line in self.api_keys_file.read_text().splitlines()]
+        return [k for k in keys if k]
 
 
 @lru_cache

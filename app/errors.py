@@ -18,6 +18,10 @@ class InvalidRequestError(RnnserveError):
     type = "invalid_request_error"
 
 
+class AuthenticationError(RnnserveError):
+    type = "authentication_error"
+
+
 class NotFoundError(RnnserveError):
     type = "not_found_error"
 

@@ -1,4 +1,4 @@
-"""The ASGI app: create_app() wires settings, lifespan (registry, engine), routers and error handlers."""
+"""The ASGI app: create_app() wires settings, lifespan (registry, store, engine), routers and error handlers."""
 
 from __future__ import annotations
 
@@ -7,17 +7,27 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from app import __version__
+from app.api.deps import Services, require_owner
 from app.api.errors import register_exception_handlers
 from app.api.middleware import BodySizeLimit
-from app.api.routes import generate, health, models, score, ws
+from app.api.routes import generate, health, models, openai, score, sessions, ws
 from app.config import Settings, get_settings
 from app.engine.engine import Engine
 from app.registry import Registry
+from app.sessions.store import InMemoryStore, SessionStore
 
 log = logging.getLogger("app")
+
+
+def make_store(settings: Settings) -> SessionStore:
+    if settings.redis_url:
+        from app.sessions.redis_store import RedisStore
+
+        return RedisStore(settings.redis_url, cluster=settings.redis_cluster)
+    return InMemoryStore(settings.max_sessions)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -27,15 +37,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        app.state.settings = settings
-        app.state.registry = Registry.load(settings.models_dir, settings.default_model)
-        app.state.engine = engine = Engine(settings.max_batch, settings.max_queue)
-        engine.start(app.state.registry.models)
-        log.info("serving %d model(s), default %s", len(app.state.registry), app.state.registry.default)
+        registry = Registry.load(settings.models_dir, settings.default_model)
+        store = make_store(settings)
+        engine = Engine(settings.max_batch, settings.max_queue)
+        engine.start(registry.models)
+        app.state.services = Services(settings, registry, engine, store)
+        log.info("serving %d model(s), default %s, sessions %s", len(registry), registry.default, store.kind)
         try:
             yield
         finally:
             await engine.stop()
+            await store.close()
 
     app = FastAPI(
         title="rnnserve",
@@ -45,8 +57,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     register_exception_handlers(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
-    for module in (generate, ws, score, models, health):
-        app.include_router(module.router)
+    authed = [Depends(require_owner)]
+    for module in (generate, score, sessions, models, openai):
+        app.include_router(module.router, dependencies=authed)
+    app.include_router(ws.router)  # authenticates at connect
+    app.include_router(health.router)
     return app
 
 

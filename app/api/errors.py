@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import (
+    AuthenticationError,
     ConflictError,
     InvalidRequestError,
     NotFoundError,
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 STATUS: dict[type[RnnserveError], int] = {
     InvalidRequestError: 422,
+    AuthenticationError: 401,
     NotFoundError: 404,
     ConflictError: 409,
     PayloadTooLargeError: 413,
@@ -43,7 +45,11 @@ def status_of(exc: RnnserveError) -> int:
 
 
 def rnnserve_error_response(exc: RnnserveError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverloadedError) else None
+    headers = None
+    if isinstance(exc, OverloadedError):
+        headers = {"Retry-After": str(exc.retry_after)}
+    elif isinstance(exc, AuthenticationError):
+        headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(error_body(exc.type, exc.message, exc.param), status_code=status_of(exc), headers=headers)
 
 

@@ -41,6 +41,7 @@ class GenerateRequest(BaseModel):
     unknown_chars: Literal["error", "skip"] = Field("error", description="Characters outside the vocabulary.")
     session_id: str | None = Field(None, max_length=128, description="Continue this session.")
     save_session: bool = Field(True, description="Store the final state and return its session_id.")
+    session_ttl: int | None = Field(None, ge=1, description="Seconds the saved session lives (default: server's).")
     stream: bool = Field(False, description="Answer as text/event-stream.")
 
     @model_validator(mode="after")
@@ -81,6 +82,17 @@ class ScoreResponse(BaseModel):
     bits_per_char: float
     perplexity: float
     per_char: list[CharScore] | None = None
+
+
+class SessionInfo(BaseModel):
+    session_id: str
+    model: str
+    model_sha256: str
+    chars: int
+    tail: str
+    created_at: float
+    updated_at: float
+    expires_at: float
 
 
 class TopLogprob(BaseModel):
@@ -141,3 +153,4 @@ class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     models: int
     store: str
+    store_ok: bool

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
+from app.api import sessions
 from app.api.errors import error_body
 from app.api.schemas import (
     CharLogprob,
@@ -22,11 +24,15 @@ from app.api.schemas import (
 )
 from app.checkpoint import Checkpoint
 from app.config import Settings
-from app.engine.engine import Engine, Stream
+from app.engine.engine import Stream
 from app.engine.sampling import SamplingParams
 from app.engine.sequence import GenerationRequest, GenerationResult
-from app.errors import InvalidRequestError, NotFoundError, RnnserveError
-from app.registry import Registry
+from app.errors import InvalidRequestError, RnnserveError
+from app.nn import State
+from app.sessions.record import SessionRecord, generator_tensor
+
+if TYPE_CHECKING:
+    from app.api.deps import Services
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,16 @@ def check_limits(req: GenerateRequest, settings: Settings) -> None:
         )
 
 
+def session_ttl(requested: int | None, settings: Settings) -> int:
+    if requested is None:
+        return settings.session_ttl
+    if requested > settings.max_session_ttl:
+        raise InvalidRequestError(
+            f"session_ttl: must be in 1..{settings.max_session_ttl} seconds, got {requested}", param="session_ttl"
+        )
+    return requested
+
+
 def sampling_params(req: GenerateRequest) -> SamplingParams:
     return SamplingParams(
         strategy=req.strategy,
@@ -59,11 +75,17 @@ def sampling_params(req: GenerateRequest) -> SamplingParams:
 
 @dataclass
 class Job:
-    """A validated generation, ready for the engine."""
+    """A validated generation, ready for the engine, and what its session needs afterwards."""
 
     ckpt: Checkpoint
     request: GenerationRequest
-    prompt_chars: int
+    prompt: str  # as read by the model (unknown characters skipped)
+    save: bool
+    owner: str
+    ttl: int
+    session: SessionRecord | None = None  # the session being continued
+    lease: str = ""  # our lease on it
+    state: State | None = None  # the continued session's state
 
 
 @dataclass(frozen=True)
@@ -85,28 +107,52 @@ class ErrorEvent:
 StreamEvent = TokenEvent | DoneEvent | ErrorEvent
 
 
-def prepare(req: GenerateRequest, registry: Registry, settings: Settings) -> Job:
+async def prepare(req: GenerateRequest, svc: Services, owner: str) -> Job:
     """Everything that can be refused before the first byte: model, limits, vocabulary, session."""
-    ckpt = registry.get(req.model)
-    check_limits(req, settings)
-    if req.session_id is not None:
-        raise NotFoundError(f"session {req.session_id!r} not found", param="session_id")
-    vocab = ckpt.vocab
-    prompt_ids = vocab.encode(req.prompt, req.unknown_chars, param="prompt")
-    request = GenerationRequest(
-        ids=[vocab.bos, *prompt_ids],
+    check_limits(req, svc.settings)
+    ttl = session_ttl(req.session_ttl, svc.settings)
+    if req.session_id is None:
+        ckpt = svc.registry.get(req.model)
+        prompt_ids = ckpt.vocab.encode(req.prompt, req.unknown_chars, param="prompt")
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        request = make_request(req, [ckpt.vocab.bos, *prompt_ids], seed)
+        return Job(ckpt, request, ckpt.vocab.decode(prompt_ids), req.save_session, owner, ttl)
+
+    record = await sessions.load(svc, req.session_id, owner, req.model)
+    ckpt = svc.registry.get(record.model)
+    prompt_ids = ckpt.vocab.encode(req.prompt, req.unknown_chars, param="prompt")
+    lease = secrets.token_hex(16)
+    record = await svc.store.acquire(record.session_id, lease)
+    try:
+        sessions.check_model(record, ckpt)
+        state = sessions.state_of(record, ckpt)
+        # without a seed the sampler goes on where it stopped; with one it is reseeded
+        seed = req.seed if req.seed is not None else record.seed
+        request = make_request(req, [ckpt.vocab.stoi[record.last], *prompt_ids], seed)
+        if req.seed is None:
+            request = replace(request, generator_state=generator_tensor(record.generator_state))
+    except BaseException:
+        await svc.store.release(record.session_id, lease)
+        raise
+    return Job(ckpt, request, ckpt.vocab.decode(prompt_ids), req.save_session, owner, ttl, record, lease, state)
+
+
+def make_request(req: GenerateRequest, ids: list[int], seed: int) -> GenerationRequest:
+    return GenerationRequest(
+        ids=ids,
         max_tokens=req.max_tokens,
         params=sampling_params(req),
-        seed=req.seed if req.seed is not None else secrets.randbits(63),
+        seed=seed,
         stop=tuple(req.stop),
         logprobs=req.logprobs,
     )
-    return Job(ckpt, request, len(prompt_ids))
 
 
-async def finish(job: Job, result: GenerationResult) -> GenerateResponse:
+async def finish(job: Job, result: GenerationResult, svc: Services) -> GenerateResponse:
+    """Save (or release) the session, then build the response."""
     vocab = job.ckpt.vocab
     text = vocab.decode(result.ids)
+    session = await sessions.save(job, result, svc)
     logprobs = None
     if job.request.logprobs:
         logprobs = [
@@ -117,39 +163,62 @@ async def finish(job: Job, result: GenerationResult) -> GenerateResponse:
             )
             for lp in result.logprobs
         ]
+    before = job.session.chars if job.session else 0
+    prompt_chars = len(job.prompt)
     return GenerateResponse(
         id=f"gen-{secrets.token_hex(12)}",
         model=job.ckpt.name,
         text=text,
         finish_reason=result.finish_reason,
-        session_id=None,
+        session_id=session.session_id if session else None,
         seed=job.request.seed,
         usage=Usage(
-            prompt_chars=job.prompt_chars,
+            prompt_chars=prompt_chars,
             completion_chars=len(text),
-            session_chars=job.prompt_chars + len(text),
+            session_chars=session.chars if session else before + prompt_chars + len(result.consumed),
         ),
         logprobs=logprobs,
     )
 
 
-async def generate(req: GenerateRequest, registry: Registry, engine: Engine, settings: Settings) -> GenerateResponse:
-    job = prepare(req, registry, settings)
-    return await finish(job, await engine.generate(job.ckpt, job.request))
+async def generate(req: GenerateRequest, svc: Services, owner: str) -> GenerateResponse:
+    job = await prepare(req, svc, owner)
+    try:
+        stream = svc.engine[job.ckpt].submit(job.request, job.state)
+    except BaseException:
+        await sessions.abandon(job, svc)
+        raise
+    try:
+        while True:
+            item = await stream.next()
+            if isinstance(item, GenerationResult):
+                return await finish(job, item, svc)
+    finally:
+        if stream.result is None or not stream.delivered:
+            stream.abort()
+            background(sessions.save_abandoned(job, stream, svc))
 
 
-def start_stream(req: GenerateRequest, registry: Registry, engine: Engine, settings: Settings) -> tuple[Job, Stream]:
+async def start_stream(req: GenerateRequest, svc: Services, owner: str) -> tuple[Job, Stream]:
     """Validate and admit a streamed generation; raises before anything is sent."""
-    job = prepare(req, registry, settings)
-    return job, engine[job.ckpt].submit(job.request)
+    job = await prepare(req, svc, owner)
+    try:
+        return job, svc.engine[job.ckpt].submit(job.request, job.state)
+    except BaseException:
+        await sessions.abandon(job, svc)
+        raise
 
 
-async def stream_events(job: Job, stream: Stream, keepalive: float | None = None) -> AsyncIterator[StreamEvent | None]:
+async def stream_events(
+    job: Job, stream: Stream, svc: Services, keepalive: float | None = None
+) -> AsyncIterator[StreamEvent | None]:
     """Token events, then one done (or error) event; None every `keepalive` seconds of silence.
 
-    The generation is aborted if the consumer stops early (a client that went away).
+    If the consumer stops early (a client that went away) the generation is aborted and its
+    session saved at the last character handed out.
     """
     index = 0
+    done = False
     try:
         while True:
             item = await stream.next(timeout=keepalive)
@@ -159,29 +228,46 @@ async def stream_events(job: Job, stream: Stream, keepalive: float | None = None
                 yield TokenEvent(item, index)
                 index += len(item)
             else:
-                yield DoneEvent(await finish(job, item))
+                done = True
+                yield DoneEvent(await finish(job, item, svc))
                 return
-    except StopAsyncIteration:
-        return
     except RnnserveError as e:
         yield ErrorEvent(error_body(e.type, e.message, e.param))
     except Exception:
         log.exception("stream of model %s failed", job.ckpt.name)
         yield ErrorEvent(error_body("internal_error", "internal server error"))
     finally:
-        stream.abort()
+        if not done:
+            stream.abort()
+            background(sessions.save_abandoned(job, stream, svc))
 
 
-async def score(req: ScoreRequest, registry: Registry, engine: Engine, settings: Settings) -> ScoreResponse:
-    ckpt = registry.get(req.model)
-    check_text_limit(req.text, settings, "text")
+_background: set[asyncio.Task[None]] = set()
+
+
+def background(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine to its end even though the request that started it is gone."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+async def score(req: ScoreRequest, svc: Services, owner: str) -> ScoreResponse:
+    """Score a text from a fresh state, or as the continuation of a session (which is left unchanged)."""
+    check_text_limit(req.text, svc.settings, "text")
+    state, record = None, None
     if req.session_id is not None:
-        raise NotFoundError(f"session {req.session_id!r} not found", param="session_id")
+        record = await sessions.load(svc, req.session_id, owner, req.model)
+    ckpt = svc.registry.get(record.model if record else req.model)
+    if record is not None:
+        sessions.check_model(record, ckpt)
+        state = sessions.state_of(record, ckpt)
     vocab = ckpt.vocab
     ids = vocab.encode(req.text, req.unknown_chars, param="text")
     if not ids:
         raise InvalidRequestError("text: must contain at least one character of the model's vocabulary", "text")
-    logprobs = await engine.score(ckpt, [vocab.bos, *ids])
+    first = vocab.stoi[record.last] if record else vocab.bos
+    logprobs = await svc.engine.score(ckpt, [first, *ids], state)
     nats = -sum(logprobs) / len(logprobs)
     per_char = [CharScore(text=vocab.chars[i], logprob=lp) for i, lp in zip(ids, logprobs, strict=True)]
     return ScoreResponse(

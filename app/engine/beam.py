@@ -43,6 +43,7 @@ def beam_search(
     competes with the live beams at the end. `on_text` receives, as soon as it is certain, the
     text that every candidate shares: no live beam and no finished beam can change it any more.
     """
+    stop = tuple(s for s in stop if s)
     live = [Beam([], 0.0)]
     inputs = torch.tensor([pending])
     finished: list[tuple[Beam, State]] = []

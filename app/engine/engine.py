@@ -174,7 +174,7 @@ class ModelEngine:
             self.state = stack_states(([self.state] if self.state is not None else []) + states)
             self.running.extend(joined)
         for stream in joined:
-            stream.seq.state = None  # it lives in the batch now
+            stream.seq.start_state, stream.seq.state = stream.seq.state, None  # it lives in the batch now
         for stream in self.running:
             if stream.seq.cancelled:
                 stream.seq.cancel()

@@ -60,6 +60,7 @@ def run_beam(
         state=state,
         pending=beam.ids[-1] if beam.ids else req.ids[-1],
         generator_state=torch.Generator().manual_seed(req.seed).get_state(),
+        consumed=beam.ids,
         logprobs=logprobs[:n],
     )
 

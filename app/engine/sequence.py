@@ -47,6 +47,7 @@ class GenerationResult:
     state: State | None  # after everything up to, not including, `pending`; None: cancelled mid-prompt
     pending: int  # the last character: the input of the next step
     generator_state: Tensor  # the sampler's generator, to continue exactly
+    consumed: list[int] = field(default_factory=list)  # every generated character, a stop string included
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
@@ -73,6 +74,7 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.cancelled = False
         self.final: GenerationResult | None = None
+        self.start_state: State | None = None  # after the prompt, before the first generated character
 
     @property
     def params(self) -> SamplingParams:
@@ -123,5 +125,6 @@ class Sequence:
             state=state,
             pending=self.pending,
             generator_state=self.generator.get_state(),
+            consumed=list(self.ids),
             logprobs=self.logprobs[:n],
         )

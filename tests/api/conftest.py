@@ -64,3 +64,44 @@ def error_of(response) -> dict:  # type: ignore[no-untyped-def]
 
 def manifest_vocab() -> str:
     return json.loads((SHIPPED_DIR / "shakespeare-lstm" / "vocab.json").read_text())["chars"]  # type: ignore[no-any-return]
+
+
+class LiveServer:
+    """The app served by uvicorn on a free port, in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    directory = tmp_path_factory.mktemp("live-models")
+    write_tiny_models(directory)
+    with LiveServer(Settings(models_dir=directory, default_model="tiny-lstm")) as server:
+        yield server

@@ -169,3 +169,33 @@ def test_first_stop() -> None:
     assert first_stop("hello world", ("world", "lo")) == 3
     assert first_stop("hello", ("xyz",)) == -1
     assert first_stop("hello", ()) == -1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("stops", [(), ("zzq",), ("e ", "th")])
+def test_streamed_text_is_a_prefix_of_the_result(
+    arch: str, stops: tuple[str, ...], tiny_model: Callable[..., CharRNN], vocab: Vocab
+) -> None:
+    model = tiny_model(arch)
+    ids = [vocab.bos, *vocab.encode("All:\n")]
+    pieces: list[str] = []
+    beam, _ = beam_search(model, vocab.chars, prefill(model, ids[:-1], None), ids[-1], 40, 4, stops, 0, pieces.append)
+    text = vocab.decode(beam.ids[: beam.stopped_at] if beam.stopped_at >= 0 else beam.ids)
+    assert pieces, "nothing was streamed"
+    assert all(pieces)
+    assert text.startswith("".join(pieces))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="beam_search does not drop empty stop strings as StopChecker does: '' matches at once, "
+    "so beam returns '' with finish 'stop' while greedy/sample ignore it",
+)
+def test_empty_stop_string_is_ignored_by_beam_as_by_sampling(tiny_model: Callable[..., CharRNN], vocab: Vocab) -> None:
+    model = tiny_model("gru")
+    params = SamplingParams(strategy="beam", beam_width=3)
+    with_empty = GenerationRequest(ids=[vocab.bos], max_tokens=10, params=params, seed=0, stop=("",))
+    without = GenerationRequest(ids=[vocab.bos], max_tokens=10, params=params, seed=0)
+    a = generate(model, vocab.chars, with_empty, None)
+    b = generate(model, vocab.chars, without, None)
+    assert (a.ids, a.finish_reason) == (b.ids, "length")

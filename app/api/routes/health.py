@@ -1,11 +1,11 @@
-"""GET /healthz (alive) and GET /readyz (models loaded, store reachable)."""
+"""GET /healthz (alive) and GET /readyz (models loaded, store reachable); both open without a key."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from app.api.deps import RegistryDep
+from app.api.deps import ServicesDep
 from app.api.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
@@ -18,7 +18,11 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
-async def readyz(registry: RegistryDep) -> JSONResponse:
+async def readyz(svc: ServicesDep) -> JSONResponse:
     """Ready when at least one model is loaded and the session store answers."""
-    ready = Readiness(status="ready" if len(registry) else "not_ready", models=len(registry), store="in-process")
-    return JSONResponse(ready.model_dump(), status_code=200 if ready.status == "ready" else 503)
+    store_ok = await svc.store.ping()
+    ready = len(svc.registry) > 0 and store_ok
+    body = Readiness(
+        status="ready" if ready else "not_ready", models=len(svc.registry), store=svc.store.kind, store_ok=store_ok
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api.deps import RegistryDep
+from app.api.deps import ServicesDep
 from app.api.schemas import ErrorResponse, ModelDetail, ModelInfo, ModelList
 from app.checkpoint import Checkpoint
 
@@ -29,13 +29,14 @@ def model_info(ckpt: Checkpoint) -> dict[str, object]:
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(registry: RegistryDep) -> ModelList:
+async def list_models(svc: ServicesDep) -> ModelList:
     """List the loaded models and the default."""
+    registry = svc.registry
     return ModelList(default=registry.default, models=[ModelInfo(**model_info(c)) for c in registry.models.values()])
 
 
 @router.get("/models/{name}", response_model=ModelDetail, responses={404: {"model": ErrorResponse}})
-async def get_model(name: str, registry: RegistryDep) -> ModelDetail:
+async def get_model(name: str, svc: ServicesDep) -> ModelDetail:
     """Describe one model, with its vocabulary."""
-    ckpt = registry.get(name)
+    ckpt = svc.registry.get(name)
     return ModelDetail(**model_info(ckpt), vocab=ckpt.vocab.chars)

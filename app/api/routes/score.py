@@ -5,14 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.api import serving
-from app.api.deps import EngineDep, RegistryDep, SettingsDep
+from app.api.deps import OwnerDep, ServicesDep
 from app.api.schemas import ErrorResponse, ScoreRequest, ScoreResponse
 
 router = APIRouter(tags=["score"])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 422, 429)}
+ERRORS: dict[int | str, dict[str, object]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 422, 503)}
 
 
-@router.post("/score", response_model=ScoreResponse, responses=ERRORS)  # type: ignore[arg-type]
-async def score(req: ScoreRequest, registry: RegistryDep, engine: EngineDep, settings: SettingsDep) -> ScoreResponse:
-    """Nats/char, bits/char and perplexity of a text under a model."""
-    return await serving.score(req, registry, engine, settings)
+@router.post("/score", response_model=ScoreResponse, responses=ERRORS)
+async def score(req: ScoreRequest, svc: ServicesDep, owner: OwnerDep) -> ScoreResponse:
+    """Nats/char, bits/char and perplexity of a text under a model (or as a session's continuation)."""
+    return await serving.score(req, svc, owner)

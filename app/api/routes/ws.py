@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from typing import Any
@@ -11,6 +12,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from app.api import serving
+from app.api.deps import Services, authenticate, get_services
 from app.api.errors import describe_validation_error, error_body
 from app.api.schemas import GenerateRequest
 from app.api.serving import DoneEvent, ErrorEvent, TokenEvent
@@ -19,14 +21,17 @@ from app.errors import RnnserveError
 
 router = APIRouter(tags=["generate"])
 log = logging.getLogger(__name__)
+POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
 
 
 class Connection:
     """One socket: at most one generation at a time; sends are serialised."""
 
-    def __init__(self, ws: WebSocket) -> None:
+    def __init__(self, ws: WebSocket, svc: Services, owner: str) -> None:
         self.ws = ws
+        self.svc = svc
+        self.owner = owner
         self.lock = asyncio.Lock()
         self.task: asyncio.Task[None] | None = None
         self.stream: Stream | None = None
@@ -43,10 +48,9 @@ class Connection:
         return self.task is not None and not self.task.done()
 
     async def start(self, fields: dict[str, Any]) -> None:
-        app = self.ws.app
         try:
             req = GenerateRequest(**fields)
-            job, self.stream = serving.start_stream(req, app.state.registry, app.state.engine, app.state.settings)
+            job, stream = await serving.start_stream(req, self.svc, self.owner)
         except ValidationError as e:
             message, param = describe_validation_error(dict(e.errors()[0]))
             await self.error("invalid_request_error", message, param)
@@ -54,10 +58,11 @@ class Connection:
         except RnnserveError as e:
             await self.error(e.type, e.message, e.param)
             return
-        self.task = asyncio.create_task(self.pump(job, self.stream))
+        self.stream = stream
+        self.task = asyncio.create_task(self.pump(job, stream))
 
     async def pump(self, job: serving.Job, stream: Stream) -> None:
-        async for ev in serving.stream_events(job, stream):
+        async for ev in serving.stream_events(job, stream, self.svc):
             if isinstance(ev, TokenEvent):
                 await self.send({"type": "token", "text": ev.text, "index": ev.index})
             elif isinstance(ev, DoneEvent):
@@ -77,8 +82,12 @@ class Connection:
 async def ws_generate(ws: WebSocket) -> None:
     """Stream generations over a WebSocket; see the README for the message protocol."""
     await ws.accept()
-    conn = Connection(ws)
-    limit = ws.app.state.settings.max_ws_message_bytes
+    svc = get_services(ws)
+    owner = await authenticate_socket(ws)
+    if owner is None:
+        return
+    conn = Connection(ws, svc, owner)
+    limit = svc.settings.max_ws_message_bytes
     try:
         while True:
             message = await ws.receive()
@@ -96,6 +105,24 @@ async def ws_generate(ws: WebSocket) -> None:
         pass
     finally:
         await conn.close()
+
+
+async def authenticate_socket(ws: WebSocket) -> str | None:
+    """The owner, from the Authorization header or else a first message {"type": "auth", "api_key": ...}.
+
+    Closes the socket with 1008 (policy violation) and returns None when the key is missing or wrong.
+    """
+    try:
+        if not get_services(ws).settings.api_key_list or "authorization" in ws.headers:
+            return authenticate(ws)
+        first = json.loads(await ws.receive_text())
+        token = first.get("api_key") if isinstance(first, dict) and first.get("type") == "auth" else None
+        return authenticate(ws, str(token or ""))
+    except (RnnserveError, ValueError, KeyError, WebSocketDisconnect) as e:
+        reason = e.message if isinstance(e, RnnserveError) else "first message must be {'type': 'auth', 'api_key': ...}"
+        with contextlib.suppress(RuntimeError):
+            await ws.close(POLICY_VIOLATION, reason[:120])
+        return None
 
 
 async def handle(conn: Connection, text: str) -> None:

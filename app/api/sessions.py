@@ -1,0 +1,126 @@
+"""Session operations of the serving layer: load and check, save after a generation, fork, describe."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from app.checkpoint import Checkpoint
+from app.engine.engine import Stream
+from app.engine.generate import prefill
+from app.engine.sequence import GenerationResult
+from app.errors import ConflictError, RnnserveError
+from app.nn import State
+from app.sessions.record import TAIL_CHARS, SessionRecord, decode_state, encode_state, generator_bytes
+from app.sessions.store import gone
+
+if TYPE_CHECKING:
+    from app.api.deps import Services
+    from app.api.serving import Job
+
+log = logging.getLogger(__name__)
+
+
+def new_id() -> str:
+    return "sess-" + secrets.token_urlsafe(24)  # 192 random bits
+
+
+async def load(svc: Services, session_id: str, owner: str, model: str | None = None) -> SessionRecord:
+    """The session, if it exists and belongs to `owner` (another owner's session is 'not found')."""
+    record = await svc.store.get(session_id)
+    if record is None or not secrets.compare_digest(record.owner, owner):
+        raise gone(session_id)
+    if model is not None and model != record.model:
+        raise ConflictError(
+            f"session {session_id} belongs to model {record.model!r}, not {model!r}; omit model or use "
+            f"{record.model!r}",
+            param="model",
+        )
+    return record
+
+
+def check_model(record: SessionRecord, ckpt: Checkpoint) -> None:
+    if record.model_sha256 != ckpt.sha256:
+        raise ConflictError(
+            f"session {record.session_id} was made with another checkpoint of {record.model} "
+            f"(sha256 {record.model_sha256[:12]}, now {ckpt.sha256[:12]}); its state no longer applies",
+            param="session_id",
+        )
+
+
+def state_of(record: SessionRecord, ckpt: Checkpoint) -> State:
+    c = ckpt.model.config
+    try:
+        return decode_state(record.state, c.arch, c.num_layers, c.hidden_size)
+    except ValueError as e:
+        raise ConflictError(f"session {record.session_id} holds an unusable state ({e})", "session_id") from None
+
+
+async def save(job: Job, result: GenerationResult, svc: Services) -> SessionRecord | None:
+    """Store the state after this generation (a new session, or the next version of the continued one)."""
+    if not job.save or result.state is None:
+        await abandon(job, svc)
+        return None
+    vocab = job.ckpt.vocab
+    consumed = job.prompt + vocab.decode(result.consumed)
+    now = time.time()
+    prev = job.session
+    record = SessionRecord(
+        session_id=prev.session_id if prev else new_id(),
+        owner=job.owner,
+        model=job.ckpt.name,
+        model_sha256=job.ckpt.sha256,
+        state=encode_state(result.state),
+        last=vocab.chars[result.pending],
+        generator_state=generator_bytes(result.generator_state),
+        seed=job.request.seed,
+        chars=(prev.chars if prev else 0) + len(consumed),
+        tail=((prev.tail if prev else "") + consumed)[-TAIL_CHARS:],
+        created_at=prev.created_at if prev else now,
+        updated_at=now,
+        expires_at=now + job.ttl,
+        version=prev.version + 1 if prev else 1,
+    )
+    if prev is None:
+        await svc.store.create(record)
+    else:
+        await svc.store.commit(record, job.lease)
+    return record
+
+
+async def abandon(job: Job, svc: Services) -> None:
+    """Give up the lease of a continued session, leaving it as it was."""
+    if job.session is not None:
+        try:
+            await svc.store.release(job.session.session_id, job.lease)
+        except RnnserveError as e:
+            log.warning("could not release session %s: %s", job.session.session_id, e.message)
+
+
+async def save_abandoned(job: Job, stream: Stream, svc: Services) -> None:
+    """After the client went away: save the session as of the last character handed out."""
+    try:
+        while stream.result is None:
+            await stream.next()
+    except StopAsyncIteration:
+        pass
+    result = stream.result
+    start = stream.seq.start_state
+    if result is None or start is None or not job.save:
+        await abandon(job, svc)
+        return
+    sent = result.consumed[: stream.sent]
+    # re-read what was sent from the state after the prompt: [pending, sent[:-1]] -> state, sent[-1] pending
+    ids = [job.request.ids[-1], *sent]
+    state = await asyncio.to_thread(prefill, job.ckpt.model, ids[:-1], start)
+    truncated = GenerationResult(
+        ids=sent, finish_reason="cancelled", state=state, pending=ids[-1],
+        generator_state=result.generator_state, consumed=sent,
+    )  # fmt: skip
+    try:
+        await save(job, truncated, svc)
+    except RnnserveError as e:
+        log.warning("could not save the session of an abandoned stream: %s", e.message)
