@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +25,9 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(100_000, ge=1, description="Longest accepted prompt, in characters.")
     max_tokens_limit: int = Field(10_000, ge=1, description="Largest accepted max_tokens.")
     max_batch: int = Field(128, ge=1, description="Generations advanced together in one step, per model.")
+    engine: Literal["batched", "naive"] = Field(
+        "batched", description="'naive': the unbatched baseline of `rnnserve bench` (one request at a time)."
+    )
     max_queue: int = Field(256, ge=0, description="Generations waiting for a slot, per model; beyond: 429.")
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest accepted request body; beyond: 413.")
     max_ws_message_bytes: int = Field(

@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             torch.set_num_threads(settings.torch_threads)
         registry = Registry.load(settings.models_dir, settings.default_model)
         store = make_store(settings)
-        engine = Engine(settings.max_batch, settings.max_queue)
+        engine = Engine(settings.max_batch, settings.max_queue, naive=settings.engine == "naive")
         engine.start(registry.models)
         app.state.services = Services(settings, registry, engine, store)
         log.info("serving %d model(s), default %s, sessions %s", len(registry), registry.default, store.kind)

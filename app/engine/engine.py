@@ -13,7 +13,7 @@ from app.checkpoint import Checkpoint
 from app.engine.generate import run_beam, score
 from app.engine.sequence import GenerationRequest, GenerationResult, Sequence
 from app.errors import OverloadedError
-from app.nn import State, select_state, stack_states
+from app.nn import FusedStep, State, select_state, stack_states
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +70,22 @@ class Stream:
 
 
 class ModelEngine:
-    """Continuous batching for one model: requests join and leave between steps."""
+    """Continuous batching for one model: requests join and leave between steps.
 
-    def __init__(self, ckpt: Checkpoint, max_batch: int, max_queue: int, prefill_chunk: int = 1024) -> None:
+    `naive=True` gives the baseline it is measured against: one request at a time, one
+    `nn.LSTM`/`nn.GRU`/`nn.RNN` call per character (prompt included), no padding, no fused step.
+    """
+
+    def __init__(
+        self, ckpt: Checkpoint, max_batch: int, max_queue: int, prefill_chunk: int = 1024, naive: bool = False
+    ) -> None:
         self.ckpt = ckpt
         self.model = ckpt.model
+        self.naive = naive
+        if naive:
+            max_batch, prefill_chunk = 1, 1
+        self.fused = None if naive else FusedStep(ckpt.model)
+        self.row_multiple = 1 if naive else ROW_MULTIPLE
         self.decode = ckpt.vocab.chars
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -197,14 +208,17 @@ class ModelEngine:
     def _decode_one(self) -> None:
         assert self.state is not None
         n = len(self.running)
-        pad = -n % ROW_MULTIPLE
-        ids = torch.tensor([s.seq.pending for s in self.running] + [0] * pad).view(1, -1)
+        pad = -n % self.row_multiple
+        ids = torch.tensor([s.seq.pending for s in self.running] + [0] * pad)  # (B,)
         state = self.state
         if pad:
             state = stack_states([state, self.model.zero_state(pad)])
-        logits, state = self.model(ids, state)
+        if self.fused is not None:
+            logits, state = self.fused(ids, state)  # (B, V)
+        else:
+            out, state = self.model(ids.view(1, -1), state)
+            logits = out[0]
         self.state = select_state(state, torch.arange(n)) if pad else state
-        logits = logits[0]  # (B, V)
         greedy = [i for i, s in enumerate(self.running) if s.seq.params.strategy == "greedy"]
         argmax = logits[greedy].argmax(dim=-1).tolist() if greedy else []
         chosen = dict(zip(greedy, argmax, strict=True))
@@ -247,14 +261,15 @@ class ModelEngine:
 class Engine:
     """The engines of all loaded models."""
 
-    def __init__(self, max_batch: int, max_queue: int) -> None:
+    def __init__(self, max_batch: int, max_queue: int, naive: bool = False) -> None:
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.naive = naive
         self.engines: dict[str, ModelEngine] = {}
 
     def start(self, models: dict[str, Checkpoint]) -> None:
         for name, ckpt in models.items():
-            self.engines[name] = ModelEngine(ckpt, self.max_batch, self.max_queue)
+            self.engines[name] = ModelEngine(ckpt, self.max_batch, self.max_queue, naive=self.naive)
             self.engines[name].start()
 
     async def stop(self) -> None:

@@ -1,5 +1,6 @@
 """Torch modules: the character-level recurrent language model and its state helpers."""
 
+from app.nn.fused import FusedStep
 from app.nn.model import (
     ARCHS,
     CharRNN,
@@ -10,4 +11,4 @@ from app.nn.model import (
     stack_states,
 )
 
-__all__ = ["ARCHS", "CharRNN", "ModelConfig", "State", "select_state", "split_state", "stack_states"]
+__all__ = ["ARCHS", "CharRNN", "FusedStep", "ModelConfig", "State", "select_state", "split_state", "stack_states"]
