@@ -51,7 +51,7 @@ def save_checkpoint(directory: Path, model: CharRNN, vocab: Vocab, meta: dict[st
     # the plain module's keys (never a compiled wrapper's `_orig_mod.` prefix)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = directory / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "arch": model.config.arch})
+    save_file(tensors, str(tmp), metadata={"format": "pt"})  # one key: the file's bytes are deterministic
     os.replace(tmp, directory / WEIGHTS)
     digest = sha256_file(directory / WEIGHTS)
     _write_json(directory / CONFIG, model.config.to_dict())

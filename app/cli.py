@@ -101,6 +101,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     uvicorn.run("app.main:app", host=args.host, port=args.port, log_level=args.log_level)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from app import bench
+
+    models = [m for m in args.models.split(",") if m]
+    out = Path(args.out) if args.out else None
+    readme = Path(args.readme) if args.readme else None
+    print(bench.run(models, Path(args.models_dir), out, readme, args.quick))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rnnserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -164,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("bench", help="benchmark the server against the naive baseline (over HTTP)")
+    b.add_argument("--models", default="shakespeare-lstm,shakespeare-gru,shakespeare-rnn")
+    b.add_argument("--models-dir", default="models")
+    b.add_argument("--out", help="also write the figures as JSON here")
+    b.add_argument("--readme", help="replace the table between the bench markers of this README")
+    b.add_argument("--quick", action="store_true", help="fewer characters per measurement")
+    b.set_defaults(func=cmd_bench)
 
     return p
 

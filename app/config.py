@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     max_ws_message_bytes: int = Field(
         2 * 1024 * 1024, ge=1024, description="Largest accepted WebSocket message; beyond: close 1009."
     )
+    sse_keepalive_seconds: float = Field(15.0, gt=0, description="Idle seconds before an SSE keep-alive comment.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: torch's default.")
     log_level: str = Field("info", description="Log level of the service.")
 

@@ -89,3 +89,71 @@ def checkpoint_dir(tmp_path: Path, tiny_model: Callable[..., CharRNN], vocab: Vo
     directory = tmp_path / "tiny-lstm"
     save_checkpoint(directory, tiny_model("lstm"), vocab, {"corpus": {"name": "tiny"}, "metrics": {}})
     return directory
+
+
+# -- a throwaway redis-server for the session tests -------------------------------------------------
+
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+
+class RedisServer:
+    """A throwaway redis-server on a free port (never 6379), in its own directory, without persistence.
+
+    `kill()` stops it the hard way and `start()` brings it back on the same port (for outage tests).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        import socket
+
+        self.directory = directory
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port: int = s.getsockname()[1]
+        assert self.port != 6379, "never use the default Redis port"
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert self.proc is None, "already running"
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.directory), "--loglevel", "warning"]  # fmt: skip
+        with open(self.directory / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.directory)
+        deadline = time.monotonic() + 10
+        while not self.ping():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"redis-server did not start: {(self.directory / 'redis.log').read_text()[-2000:]}")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def ping(self) -> bool:
+        import redis
+
+        try:
+            with redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5) as r:
+                return bool(r.ping())
+        except redis.RedisError:
+            return False
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of the test session's own, started once, stopped at the end."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -196,7 +196,7 @@ async def generate(req: GenerateRequest, svc: Services, owner: str) -> GenerateR
     finally:
         if stream.result is None or not stream.delivered:
             stream.abort()
-            background(sessions.save_abandoned(job, stream, svc))
+            background(sessions.save_abandoned(job, stream, svc, 0))
 
 
 async def start_stream(req: GenerateRequest, svc: Services, owner: str) -> tuple[Job, Stream]:
@@ -228,8 +228,9 @@ async def stream_events(
                 yield TokenEvent(item, index)
                 index += len(item)
             else:
+                response = await finish(job, item, svc)
                 done = True
-                yield DoneEvent(await finish(job, item, svc))
+                yield DoneEvent(response)
                 return
     except RnnserveError as e:
         yield ErrorEvent(error_body(e.type, e.message, e.param))
@@ -238,8 +239,9 @@ async def stream_events(
         yield ErrorEvent(error_body("internal_error", "internal server error"))
     finally:
         if not done:
+            # `index` counts what the consumer took: it asks for the next event only after sending one
             stream.abort()
-            background(sessions.save_abandoned(job, stream, svc))
+            background(sessions.save_abandoned(job, stream, svc, index))
 
 
 _background: set[asyncio.Task[None]] = set()

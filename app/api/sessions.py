@@ -100,8 +100,8 @@ async def abandon(job: Job, svc: Services) -> None:
             log.warning("could not release session %s: %s", job.session.session_id, e.message)
 
 
-async def save_abandoned(job: Job, stream: Stream, svc: Services) -> None:
-    """After the client went away: save the session as of the last character handed out."""
+async def save_abandoned(job: Job, stream: Stream, svc: Services, handed_out: int) -> None:
+    """After the client went away: save the session as of the last of the `handed_out` characters."""
     try:
         while stream.result is None:
             await stream.next()
@@ -112,7 +112,7 @@ async def save_abandoned(job: Job, stream: Stream, svc: Services) -> None:
     if result is None or start is None or not job.save:
         await abandon(job, svc)
         return
-    sent = result.consumed[: stream.sent]
+    sent = result.consumed[:handed_out]
     # re-read what was sent from the state after the prompt: [pending, sent[:-1]] -> state, sent[-1] pending
     ids = [job.request.ids[-1], *sent]
     state = await asyncio.to_thread(prefill, job.ckpt.model, ids[:-1], start)

@@ -10,7 +10,6 @@ from fastapi.responses import StreamingResponse
 
 from app.api.serving import DoneEvent, ErrorEvent, StreamEvent, TokenEvent
 
-KEEPALIVE_SECONDS = 15.0
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 

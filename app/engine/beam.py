@@ -37,11 +37,13 @@ def beam_search(
     on_text: Callable[[str], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> tuple[Beam, State]:
-    """The highest-scoring beam and its final state (the state after its last character).
+    """The highest-scoring candidate and its state (after everything up to, not including, its last character).
 
-    Live beams all have the same length; a beam that reaches a stop string is finished and
-    competes with the live beams at the end. `on_text` receives, as soon as it is certain, the
-    text that every candidate shares: no live beam and no finished beam can change it any more.
+    Candidates are the `width` live beams, all of the same length, and every beam that reached a
+    stop string on the way. `on_text` receives, as soon as it is certain, the text that every
+    candidate shares: none of them can change it any more. (Like any beam search, it can miss a
+    sequence more likely than its best: the greedy path is not kept alongside, since that would
+    hold back nearly all streamed text until the end.)
     """
     stop = tuple(s for s in stop if s)
     live = [Beam([], 0.0)]
@@ -55,17 +57,21 @@ def beam_search(
         logits, state = model(inputs.view(1, -1), state)
         lp = torch.log_softmax(logits[0].float(), dim=-1)  # (B, V)
         total = torch.tensor([b.score for b in live]).unsqueeze(1) + lp  # (B, V)
-        scores, flat = torch.topk(total.view(-1), min(width, total.numel()))
-        rows, cols = flat // lp.shape[1], flat % lp.shape[1]
+        best, flat = torch.topk(total.view(-1), min(width, total.numel()))
+        rows, cols, scores = (flat // lp.shape[1]).tolist(), (flat % lp.shape[1]).tolist(), best.tolist()
         tops = torch.topk(lp, top_n) if top_n else None
-        next_live = []
-        for r, c, s in zip(rows.tolist(), cols.tolist(), scores.tolist(), strict=True):
-            parent = live[r]
-            top = list(zip(tops.indices[r].tolist(), tops.values[r].tolist(), strict=True)) if tops else []
-            next_live.append(
-                Beam([*parent.ids, c], s, [*parent.logprobs, float(lp[r, c])], [*parent.top, top] if top_n else [])
+        live = [
+            Beam(
+                [*live[r].ids, c],
+                s,
+                [*live[r].logprobs, float(lp[r, c])],
+                [*live[r].top, list(zip(tops.indices[r].tolist(), tops.values[r].tolist(), strict=True))]
+                if tops is not None
+                else [],
             )
-        live, state, inputs = next_live, select_state(state, rows), cols
+            for r, c, s in zip(rows, cols, scores, strict=True)
+        ]
+        state, inputs = select_state(state, torch.tensor(rows)), torch.tensor(cols)
         if stop:
             keep = []
             for i, beam in enumerate(live):

@@ -83,7 +83,7 @@ class ModelEngine:
         self.model = ckpt.model
         self.naive = naive
         if naive:
-            max_batch, prefill_chunk = 1, 1
+            max_batch = 1
         self.fused = None if naive else FusedStep(ckpt.model)
         self.row_multiple = 1 if naive else ROW_MULTIPLE
         self.decode = ckpt.vocab.chars
@@ -145,7 +145,10 @@ class ModelEngine:
                 await self._wake.wait()
                 continue
             room = self.max_batch - len(self.running) - len(self.prefilling)
-            admitted = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+            gone = [s for s in self.waiting if s.seq.cancelled]  # leave the queue now, without a row
+            for stream in gone:
+                self.waiting.remove(stream)
+            admitted = gone + [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
             try:
                 touched = await loop.run_in_executor(self._executor, self._step, admitted)
             except Exception:
@@ -175,7 +178,10 @@ class ModelEngine:
             if seq.state is None:
                 seq.state = self.model.zero_state(1)
             chunk, seq.to_prefill = seq.to_prefill[: self.prefill_chunk], seq.to_prefill[self.prefill_chunk :]
-            if chunk:
+            if self.naive:  # the baseline reads its prompt one recurrent call per character
+                for i in chunk:
+                    _, seq.state = self.model(torch.tensor([[i]]), seq.state)
+            elif chunk:
                 _, seq.state = self.model(torch.tensor(chunk).view(-1, 1), seq.state)
             if not seq.to_prefill:
                 self.prefilling.remove(stream)
@@ -245,6 +251,10 @@ class ModelEngine:
             result = await asyncio.to_thread(
                 run_beam, self.model, self.decode, seq.req, seq.state, on_text, lambda: seq.cancelled
             )
+        except Exception:
+            log.exception("beam search failed for model %s", self.ckpt.name)
+            seq.cancel()
+            result = seq.result(None)
         finally:
             self.beams -= 1
         await asyncio.sleep(0)  # let the callbacks scheduled by the worker run first

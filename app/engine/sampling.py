@@ -52,7 +52,7 @@ def top_p_mask(logits: Tensor, p: float) -> Tensor:
     """True outside the smallest set of most likely tokens whose probability reaches p."""
     if p >= 1.0:
         return torch.zeros_like(logits, dtype=torch.bool)
-    probs, order = torch.sort(torch.softmax(logits, dim=-1), dim=-1, descending=True)
+    probs, order = torch.sort(torch.softmax(logits, dim=-1), dim=-1, descending=True, stable=True)
     before = torch.cumsum(probs, dim=-1) - probs  # mass of the strictly more likely tokens
     drop_sorted = before >= p
     return torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class StopChecker:
-    """Feeds generated text through; holds back only what could still begin a stop string."""
+    """Feeds generated text through, holding back the last len(longest stop) - 1 characters."""
 
     def __init__(self, stops: tuple[str, ...] | list[str]) -> None:
         self.stops = tuple(s for s in stops if s)

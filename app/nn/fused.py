@@ -50,9 +50,9 @@ class FusedStep:
         if self.arch == "lstm":
             h, c = state
             hs, cs = [], []
-            x: Tensor  # the input of the next layer
+            x = self.table[ids]  # layer 0's input projection, its biases included (B, 4H)
             for layer in range(self.num_layers):
-                pre = self.table[ids] if layer == 0 else torch.addmm(self.b[layer], x, self.w_in[layer - 1])
+                pre = x if layer == 0 else torch.addmm(self.b[layer], x, self.w_in[layer - 1])
                 gates = pre.addmm_(h[layer], self.w_hh[layer])  # (B, 4H)
                 i, f, g, o = gates.chunk(4, dim=1)
                 cl = torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g)
@@ -63,8 +63,9 @@ class FusedStep:
         h = state  # (L, B, H)
         assert isinstance(h, Tensor)
         out = []
+        x = self.table[ids]
         for layer in range(self.num_layers):
-            pre = self.table[ids] if layer == 0 else torch.addmm(self.b[layer], x, self.w_in[layer - 1])
+            pre = x if layer == 0 else torch.addmm(self.b[layer], x, self.w_in[layer - 1])
             if self.arch == "rnn":
                 x = torch.tanh(pre.addmm_(h[layer], self.w_hh[layer]))
             else:

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import Tensor
 
@@ -46,6 +47,8 @@ class SessionRecord:
                 raise ValueError("bad magic")
             n = int.from_bytes(blob[4:8], "little")
             header = json.loads(blob[8 : 8 + n])
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
             state_len, gen_len = header.pop("sizes")
             body = blob[8 + n :]
             if len(body) != state_len + gen_len:
@@ -66,7 +69,10 @@ def encode_state(state: State) -> bytes:
 
 def decode_state(blob: bytes, arch: str, num_layers: int, hidden_size: int) -> State:
     """The inverse of encode_state, checking shape and dtype against the model."""
-    tensors = load(blob)
+    try:
+        tensors = load(blob)
+    except SafetensorError as e:
+        raise ValueError(f"state is not a safetensors blob ({e})") from None
     names = ("h", "c") if arch == "lstm" else ("h",)
     if sorted(tensors) != sorted(names):
         raise ValueError(f"state has tensors {sorted(tensors)}, expected {list(names)}")

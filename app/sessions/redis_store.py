@@ -52,6 +52,13 @@ return 1
 """
 
 
+def parse(session_id: str, blob: bytes) -> SessionRecord:
+    try:
+        return SessionRecord.from_bytes(blob)
+    except ValueError as e:
+        raise ConflictError(f"session {session_id} holds a corrupt record ({e})", param="session_id") from None
+
+
 def ttl_ms(record: SessionRecord) -> int:
     return max(1, int((record.expires_at - record.updated_at) * 1000))
 
@@ -83,7 +90,7 @@ class RedisStore(SessionStore):
 
     async def get(self, session_id: str) -> SessionRecord | None:
         data = await self._call(self.client.hget, PREFIX + session_id, "data")
-        return SessionRecord.from_bytes(data) if data is not None else None
+        return parse(session_id, data) if data is not None else None
 
     async def create(self, record: SessionRecord) -> None:
         key = PREFIX + record.session_id
@@ -97,7 +104,7 @@ class RedisStore(SessionStore):
             raise gone(session_id)
         if out[0] == -1:
             raise busy(session_id)
-        return SessionRecord.from_bytes(out[1])
+        return parse(session_id, out[1])
 
     async def commit(self, record: SessionRecord, token: str) -> None:
         key = PREFIX + record.session_id

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from app.checkpoint import load_checkpoint
 from app.config import Settings
 from app.main import create_app
 from app.training.evaluate import text_loss
-from tests.api.conftest import error_of
+from tests.api.conftest import SHIPPED_DIR, error_of
 
 # Macbeth (Act II, Scene 1 and Act V, Scene 5): the test split's play, embedded so the test does not
 # depend on data/
@@ -171,8 +172,8 @@ def test_text_over_the_limit_is_a_422(tiny_models_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("model", ["tiny-lstm", "tiny-gru", "tiny-rnn"])
-def test_score_agrees_with_text_loss_on_tiny_models(client: TestClient, model: str) -> None:
-    ckpt = client.app.state.registry.get(model)  # type: ignore[attr-defined]
+def test_score_agrees_with_text_loss_on_tiny_models(client: TestClient, tiny_models_dir: Path, model: str) -> None:
+    ckpt = load_checkpoint(tiny_models_dir / model)
     text = MACBETH[:500]
     out = score(client, model=model, text=text, unknown_chars="skip")
     loss = text_loss(ckpt.model, ckpt.vocab, text)
@@ -181,8 +182,9 @@ def test_score_agrees_with_text_loss_on_tiny_models(client: TestClient, model: s
 
 
 def test_score_agrees_with_rnnserve_eval_on_the_shipped_lstm(shipped_client: TestClient) -> None:
-    # the checkpoint the server loaded (not a second load: a training run may rewrite models/)
-    ckpt = shipped_client.app.state.registry.get("shakespeare-lstm")  # type: ignore[attr-defined]
+    ckpt = load_checkpoint(SHIPPED_DIR / "shakespeare-lstm")
+    served = shipped_client.get("/models/shakespeare-lstm").json()["sha256"]
+    assert ckpt.sha256 == served, "models/shakespeare-lstm changed since the server loaded it (a training run?)"
     assert set(MACBETH) <= set(ckpt.vocab.chars)
     assert 1900 <= len(MACBETH) <= 2200
     out = score(shipped_client, model="shakespeare-lstm", text=MACBETH)

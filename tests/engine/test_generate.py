@@ -76,6 +76,7 @@ def test_stop_is_excluded_and_finish_reason_is_stop(
     assert len(out.logprobs) == len(out.ids)
     # the stop string was consumed: pending is its last character
     assert out.pending == vocab.stoi[stop[-1]]
+    assert vocab.decode(out.consumed) == text + stop
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -8,7 +8,7 @@ from fastapi.responses import StreamingResponse
 from app.api import serving
 from app.api.deps import OwnerDep, ServicesDep
 from app.api.schemas import ErrorResponse, GenerateRequest, GenerateResponse
-from app.api.sse import KEEPALIVE_SECONDS, event_stream, frame
+from app.api.sse import event_stream, frame
 
 router = APIRouter(tags=["generate"])
 RESPONSES: dict[int | str, dict[str, object]] = {
@@ -23,4 +23,5 @@ async def generate(req: GenerateRequest, svc: ServicesDep, owner: OwnerDep) -> G
     if not req.stream:
         return await serving.generate(req, svc, owner)
     job, stream = await serving.start_stream(req, svc, owner)
-    return event_stream(frame(serving.stream_events(job, stream, svc, keepalive=KEEPALIVE_SECONDS)))
+    events = serving.stream_events(job, stream, svc, keepalive=svc.settings.sse_keepalive_seconds)
+    return event_stream(frame(events))

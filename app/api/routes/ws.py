@@ -115,7 +115,10 @@ async def authenticate_socket(ws: WebSocket) -> str | None:
     try:
         if not get_services(ws).settings.api_key_list or "authorization" in ws.headers:
             return authenticate(ws)
-        first = json.loads(await ws.receive_text())
+        raw = await ws.receive_text()
+        if len(raw.encode()) > get_services(ws).settings.max_ws_message_bytes:
+            raise ValueError("auth message too large")
+        first = json.loads(raw)
         token = first.get("api_key") if isinstance(first, dict) and first.get("type") == "auth" else None
         return authenticate(ws, str(token or ""))
     except (RnnserveError, ValueError, KeyError, WebSocketDisconnect) as e:

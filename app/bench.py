@@ -1,0 +1,208 @@
+"""`rnnserve bench`: the batched engine against the naive baseline, over HTTP, side by side in one run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+CONCURRENCY = (1, 8, 32, 128)
+HISTORIES = (100, 100_000)
+FALLBACK_TEXT = (
+    "Tomorrow, and tomorrow, and tomorrow,\nCreeps in this petty pace from day to day,\n"
+    "To the last syllable of recorded time;\nAnd all our yesterdays have lighted fools\n"
+    "The way to dusty death. Out, out, brief candle!\n"
+)
+
+
+@dataclass
+class Result:
+    mode: str
+    model: str
+    single_chars_per_s: float = 0.0
+    aggregate_chars_per_s: dict[int, float] = field(default_factory=dict)
+    ttfc_ms: dict[int, tuple[float, float]] = field(default_factory=dict)  # concurrency -> (p50, p99)
+    continuation_ms: dict[int, float] = field(default_factory=dict)  # history chars -> median latency
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """`uvicorn app.main:app` in a child process with the given RNNSERVE_* settings."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(self.port), "--log-level", "warning"]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **env})
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def stream_once(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[float, float, int]:
+    """(seconds to the first character, seconds in all, characters) of one streamed generation."""
+    start = time.perf_counter()
+    first = None
+    chars = 0
+    async with client.stream("POST", f"{url}/generate", json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        event = ""
+        async for line in r.aiter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event == "token":
+                chars += len(json.loads(line[6:])["text"])
+                first = first or time.perf_counter() - start
+            elif line.startswith("data: ") and event == "error":
+                raise RuntimeError(line)
+    return first or 0.0, time.perf_counter() - start, chars
+
+
+async def measure(url: str, mode: str, model: str, history: str, cfg: dict[str, int]) -> Result:
+    res = Result(mode, model)
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        body = {"model": model, "prompt": "ROMEO:\n", "save_session": False}
+        _, seconds, chars = await stream_once(client, url, {**body, "max_tokens": cfg["single"], "seed": 1})
+        res.single_chars_per_s = chars / seconds
+        for c in CONCURRENCY:
+            t0 = time.perf_counter()
+            runs = await asyncio.gather(
+                *(stream_once(client, url, {**body, "max_tokens": cfg["per_stream"], "seed": i}) for i in range(c))
+            )
+            wall = time.perf_counter() - t0
+            res.aggregate_chars_per_s[c] = sum(r[2] for r in runs) / wall
+            ttfc = [r[0] * 1000 for r in runs]
+            res.ttfc_ms[c] = (percentile(ttfc, 0.5), percentile(ttfc, 0.99))
+        for n in HISTORIES:
+            text = (history * (n // len(history) + 1))[:n]
+            cont = {"model": model, "max_tokens": 20, "strategy": "greedy", "save_session": False}
+            if mode == "naive":  # no state cache: the history is read again every time
+                cont["prompt"] = text
+            else:
+                made = await client.post(f"{url}/generate", json={"model": model, "prompt": text, "max_tokens": 1})
+                made.raise_for_status()
+                cont["session_id"] = made.json()["session_id"]
+            times = []
+            for _ in range(cfg["repeats"] if n <= 1000 or mode != "naive" else 1):
+                t0 = time.perf_counter()
+                r = await client.post(f"{url}/generate", json=cont)
+                r.raise_for_status()
+                times.append((time.perf_counter() - t0) * 1000)
+            res.continuation_ms[n] = statistics.median(times)
+    return res
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__} (CPU)"
+
+
+def ratio(new: float, old: float) -> str:
+    return f"{new / old:.1f}x" if old else "-"
+
+
+def table(results: list[Result]) -> str:
+    by = {(r.mode, r.model): r for r in results}
+    lines = [
+        "| model | metric | naive | rnnserve | rnnserve / naive |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for model in dict.fromkeys(r.model for r in results):
+        n, b = by[("naive", model)], by[("batched", model)]
+        rows: list[tuple[str, Any, Any, bool]] = [
+            ("single-stream chars/s", n.single_chars_per_s, b.single_chars_per_s, True)
+        ]
+        rows += [
+            (f"aggregate chars/s, {c} streams", n.aggregate_chars_per_s[c], b.aggregate_chars_per_s[c], True)
+            for c in CONCURRENCY
+        ]
+        for c in CONCURRENCY:
+            rows.append((f"first char p50 / p99 ms, {c} streams", n.ttfc_ms[c], b.ttfc_ms[c], False))
+        rows += [
+            (f"continue after {h:,} chars, ms", n.continuation_ms[h], b.continuation_ms[h], False) for h in HISTORIES
+        ]
+        for name, old, new, higher_better in rows:
+            if isinstance(old, tuple) and isinstance(new, tuple):
+                cells = f"{old[0]:,.0f} / {old[1]:,.0f} | {new[0]:,.0f} / {new[1]:,.0f} | {ratio(old[1], new[1])}"
+            else:
+                assert isinstance(old, float) and isinstance(new, float)
+                r = ratio(new, old) if higher_better else ratio(old, new)
+                cells = f"{old:,.0f} | {new:,.0f} | {r}"
+            lines.append(f"| {model} | {name} | {cells} |")
+    return "\n".join(lines)
+
+
+def run(models: list[str], models_dir: Path, out: Path | None, readme: Path | None, quick: bool) -> str:
+    cfg = (
+        {"single": 300, "per_stream": 100, "repeats": 3} if quick else {"single": 1000, "per_stream": 200, "repeats": 5}
+    )
+    test_split = Path("data/shakespeare/test.txt")
+    history = test_split.read_text() if test_split.exists() else FALLBACK_TEXT
+    results = []
+    for mode in ("naive", "batched"):
+        server = Server({"RNNSERVE_ENGINE": mode, "RNNSERVE_MODELS_DIR": str(models_dir), "RNNSERVE_MAX_QUEUE": "512"})
+        try:
+            server.wait_ready()
+            for model in models:
+                print(f"{mode}: {model} ...", flush=True)
+                results.append(asyncio.run(measure(server.url, mode, model, history, cfg)))
+        finally:
+            server.stop()
+    report = f"Measured on {machine()}; ratios are rnnserve over the naive baseline (latency: naive over rnnserve).\n\n"
+    report += table(results)
+    if out is not None:
+        out.write_text(json.dumps([r.__dict__ for r in results], indent=2) + "\n")
+    if readme is not None:
+        text = readme.read_text()
+        start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            readme.write_text(f"{head}{start}\n{report}\n{end}{rest.split(end, 1)[1]}")
+    return report
