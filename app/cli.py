@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,6 +78,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    """Stream from a server (--url) over its WebSocket, or run a model here with the naive loop."""
+    request: dict[str, object] = {"prompt": args.prompt, "max_tokens": args.max_tokens, "strategy": args.strategy}
+    if args.strategy == "sample":
+        request.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.strategy == "beam":
+        request["beam_width"] = args.beam_width
+    for key in ("model", "seed", "session_id"):
+        if getattr(args, key) is not None:
+            request[key] = getattr(args, key)
+    if args.url:
+        from app.client import stream_generation
+
+        print(args.prompt, end="", flush=True)
+        done = stream_generation(args.url, request, args.api_key)
+        print(f"\n[{done['finish_reason']}, session {done['session_id']}, seed {done['seed']}]", file=sys.stderr)
+        return
+
     import secrets
 
     from app.checkpoint import load_checkpoint
@@ -84,10 +102,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from app.engine.sampling import SamplingParams
     from app.engine.sequence import GenerationRequest
 
-    ckpt = load_checkpoint(Path(args.models_dir) / args.model)
+    ckpt = load_checkpoint(Path(args.models_dir) / (args.model or "shakespeare-lstm"))
     vocab = ckpt.vocab
     seed = args.seed if args.seed is not None else secrets.randbits(63)
-    params = SamplingParams(strategy=args.strategy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    params = SamplingParams(
+        strategy=args.strategy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        beam_width=args.beam_width,
+    )  # fmt: skip
     req = GenerationRequest(
         ids=[vocab.bos, *vocab.encode(args.prompt)], max_tokens=args.max_tokens, params=params, seed=seed
     )
@@ -156,16 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["train", "val", "test"], default="test")
     e.set_defaults(func=cmd_eval)
 
-    g = sub.add_parser("generate", help="print a sample from a model")
-    g.add_argument("--model", default="shakespeare-lstm")
-    g.add_argument("--models-dir", default="models")
+    g = sub.add_parser("generate", help="stream a sample from a server (--url) or print one from a local model")
+    g.add_argument("--url", help="server base URL, e.g. http://localhost:8000 (streams over the WebSocket)")
+    g.add_argument("--api-key", help="API key for --url")
+    g.add_argument("--model", help="model name (default: the server's default; locally shakespeare-lstm)")
+    g.add_argument("--models-dir", default="models", help="without --url: where the checkpoints are")
     g.add_argument("--prompt", default="")
     g.add_argument("--max-tokens", type=int, default=200)
-    g.add_argument("--strategy", choices=["greedy", "sample"], default="sample")
+    g.add_argument("--strategy", choices=["greedy", "sample", "beam"], default="sample")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--beam-width", type=int, default=4)
     g.add_argument("--seed", type=int)
+    g.add_argument("--session-id", help="with --url: continue this session")
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("serve", help="serve the models over HTTP (settings from RNNSERVE_* variables)")
