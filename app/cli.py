@@ -119,7 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    uvicorn.run("app.main:app", host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run("app.main:app", host=args.host, port=args.port, log_level=args.log_level, access_log=False)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

@@ -18,7 +18,9 @@ def ws_url(base: str) -> str:
     return base + "/ws/generate"
 
 
-def stream_generation(url: str, request: dict[str, Any], api_key: str | None = None, out: TextIO = sys.stdout) -> dict[str, Any]:
+def stream_generation(
+    url: str, request: dict[str, Any], api_key: str | None = None, out: TextIO = sys.stdout
+) -> dict[str, Any]:
     """Send one generate message, write characters as they arrive; Ctrl-C sends cancel.
 
     Returns the `done` message (or raises RuntimeError with the server's error).

@@ -9,15 +9,15 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import Depends, FastAPI
 
-from app import __version__
+from app import __version__, logs
 from app.api.deps import Services, require_owner
 from app.api.errors import register_exception_handlers
-from app.api.middleware import BodySizeLimit
+from app.api.middleware import BodySizeLimit, RequestContext
 from app.api.routes import generate, health, models, openai, score, sessions, ws
 from app.config import Settings, get_settings
 from app.engine.engine import Engine
 from app.registry import Registry
-from app.sessions.store import InMemoryStore, SessionStore
+from app.sessions.store import InMemoryStore, MeteredStore, SessionStore
 
 log = logging.getLogger("app")
 
@@ -26,12 +26,13 @@ def make_store(settings: Settings) -> SessionStore:
     if settings.redis_url:
         from app.sessions.redis_store import RedisStore
 
-        return RedisStore(settings.redis_url, cluster=settings.redis_cluster)
-    return InMemoryStore(settings.max_sessions)
+        return MeteredStore(RedisStore(settings.redis_url, cluster=settings.redis_cluster))
+    return MeteredStore(InMemoryStore(settings.max_sessions))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    logs.configure(settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     register_exception_handlers(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestContext)
     authed = [Depends(require_owner)]
     for module in (generate, score, sessions, models, openai):
         app.include_router(module.router, dependencies=authed)

@@ -1,12 +1,21 @@
-"""ASGI middleware: request body size limit."""
+"""ASGI middleware: request ids, access logs and metrics; the request body size limit."""
 
 from __future__ import annotations
 
 import json
+import logging
+import re
+import time
+import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import metrics
 from app.api.errors import error_body
+from app.logs import request_id
+
+log = logging.getLogger("app.access")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class BodyTooLarge(Exception):
@@ -63,3 +72,44 @@ class BodySizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+class RequestContext:
+    """Gives each request an id (a valid X-Request-ID is kept), returns it, logs and counts the request.
+
+    The access log holds method, route, status and duration: never a prompt.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers", ())).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+        token = request_id.set(rid)
+        start = time.perf_counter()
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+                route = scope.get("route")
+                metrics.REQUEST_SECONDS.labels(getattr(route, "path", "unmatched")).observe(time.perf_counter() - start)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = scope.get("method", "WS")
+            metrics.REQUESTS.labels(method, route, str(status or 101)).inc()
+            ms = round((time.perf_counter() - start) * 1000, 1)
+            fields = {"method": method, "route": route, "status": status or 101, "duration_ms": ms}
+            log.info("%s %s %s", method, route, status or 101, extra={"fields": fields})
+            request_id.reset(token)

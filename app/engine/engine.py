@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from app import metrics
 from app.checkpoint import Checkpoint
 from app.engine.generate import run_beam, score
 from app.engine.sequence import GenerationRequest, GenerationResult, Sequence
@@ -28,6 +30,7 @@ class Stream:
     def __init__(self, engine: ModelEngine, seq: Sequence) -> None:
         self.engine = engine
         self.seq = seq
+        self.admitted_at = self.last_text_at = time.perf_counter()
         self.texts: list[str] = []
         self.result: GenerationResult | None = None
         self.delivered = False
@@ -35,6 +38,13 @@ class Stream:
         self._ready = asyncio.Event()
 
     def push_text(self, text: str) -> None:
+        now = time.perf_counter()
+        model = self.engine.ckpt.name
+        if self.last_text_at == self.admitted_at:
+            metrics.TTFC.labels(model).observe(now - self.admitted_at)
+        else:
+            metrics.INTER_CHAR.labels(model).observe((now - self.last_text_at) / len(text))
+        self.last_text_at = now
         self.texts.append(text)
         self._ready.set()
 
@@ -154,6 +164,9 @@ class ModelEngine:
             except Exception:
                 log.exception("engine step failed for model %s; failing its running requests", self.ckpt.name)
                 touched = self._fail_all()
+            name = self.ckpt.name
+            metrics.QUEUE.labels(name).set(len(self.waiting))
+            metrics.ACTIVE.labels(name).set(self.load)
             for stream in touched:
                 text = stream.seq.take_unsent()
                 if text:
@@ -225,6 +238,8 @@ class ModelEngine:
             out, state = self.model(ids.view(1, -1), state)
             logits = out[0]
         self.state = select_state(state, torch.arange(n)) if pad else state
+        metrics.BATCH.labels(self.ckpt.name).observe(n)
+        metrics.CHARS.labels(self.ckpt.name).inc(sum(s.seq.finish_reason is None for s in self.running))
         greedy = [i for i, s in enumerate(self.running) if s.seq.params.strategy == "greedy"]
         argmax = logits[greedy].argmax(dim=-1).tolist() if greedy else []
         chosen = dict(zip(greedy, argmax, strict=True))

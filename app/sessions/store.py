@@ -5,11 +5,15 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
-from app.errors import ConflictError, NotFoundError
+from app import metrics
+from app.errors import ConflictError, NotFoundError, UnavailableError
 from app.sessions.record import SessionRecord
 
+T = TypeVar("T")
 LEASE_SECONDS = 600.0  # a continuation holds its session at most this long (a crashed replica's lease expires)
 
 
@@ -126,3 +130,52 @@ class InMemoryStore(SessionStore):
 
     async def ping(self) -> bool:
         return True
+
+
+class MeteredStore(SessionStore):
+    """Counts a store's hits, misses, conflicts and errors, and the size of what it stores."""
+
+    def __init__(self, inner: SessionStore) -> None:
+        self.inner = inner
+        self.kind = inner.kind
+
+    async def _count(self, coro: Awaitable[T]) -> T:
+        try:
+            return await coro
+        except ConflictError:
+            metrics.SESSIONS.labels("conflict").inc()
+            raise
+        except NotFoundError:
+            metrics.SESSIONS.labels("miss").inc()
+            raise
+        except UnavailableError:
+            metrics.SESSIONS.labels("error").inc()
+            raise
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        record = await self._count(self.inner.get(session_id))
+        metrics.SESSIONS.labels("hit" if record is not None else "miss").inc()
+        return record
+
+    async def create(self, record: SessionRecord) -> None:
+        metrics.STATE_BYTES.observe(len(record.state) + len(record.generator_state))
+        await self._count(self.inner.create(record))
+
+    async def acquire(self, session_id: str, token: str) -> SessionRecord:
+        return await self._count(self.inner.acquire(session_id, token))
+
+    async def commit(self, record: SessionRecord, token: str) -> None:
+        metrics.STATE_BYTES.observe(len(record.state) + len(record.generator_state))
+        await self._count(self.inner.commit(record, token))
+
+    async def release(self, session_id: str, token: str) -> None:
+        await self._count(self.inner.release(session_id, token))
+
+    async def delete(self, session_id: str) -> bool:
+        return await self._count(self.inner.delete(session_id))
+
+    async def ping(self) -> bool:
+        return await self.inner.ping()
+
+    async def close(self) -> None:
+        await self.inner.close()

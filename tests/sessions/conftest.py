@@ -69,7 +69,7 @@ def session_count(client: TestClient) -> int:
     """How many sessions the app's store holds (in Redis: keys under the session prefix)."""
     from app.sessions.redis_store import PREFIX, RedisStore
 
-    store = client.app.state.services.store  # type: ignore[attr-defined]
+    store = client.app.state.services.store.inner  # type: ignore[attr-defined]  # inside MeteredStore
     if not isinstance(store, RedisStore):
         return len(store.entries)
 

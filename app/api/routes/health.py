@@ -1,9 +1,10 @@
-"""GET /healthz (alive) and GET /readyz (models loaded, store reachable); both open without a key."""
+"""GET /healthz, GET /readyz and GET /metrics: open without a key (probes and scrapers)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.deps import ServicesDep
 from app.api.schemas import Health, Readiness
@@ -26,3 +27,9 @@ async def readyz(svc: ServicesDep) -> JSONResponse:
         status="ready" if ready else "not_ready", models=len(svc.registry), store=svc.store.kind, store_ok=store_ok
     )
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics() -> Response:
+    """Prometheus metrics."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
