@@ -117,9 +117,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    from app.main import serve
 
-    uvicorn.run("app.main:app", host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    serve(args.host, args.port, args.log_level)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -129,6 +129,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else None
     readme = Path(args.readme) if args.readme else None
     print(bench.run(models, Path(args.models_dir), out, readme, args.quick))
+
+
+def cmd_cluster(args: argparse.Namespace) -> None:
+    from app import cluster
+
+    workdir = Path(args.workdir) if args.workdir else None
+    raise SystemExit(cluster.serve(args.port, args.host, args.replicas, args.redis_port, args.lb, workdir))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--readme", help="replace the table between the bench markers of this README")
     b.add_argument("--quick", action="store_true", help="fewer characters per measurement")
     b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("cluster", help="docker-compose.yml's topology as local processes")
+    c.add_argument("--host", default="127.0.0.1", help="the load balancer's address")
+    c.add_argument("--port", type=int, default=8000, help="the load balancer's port")
+    c.add_argument("--replicas", type=int, default=2)
+    c.add_argument("--redis-port", type=int, help="default: a free port")
+    c.add_argument("--lb", choices=["auto", "nginx", "python"], default="auto", help="auto: nginx if installed")
+    c.add_argument("--workdir", help="keep Redis' files and the logs here (default: a temporary directory)")
+    c.set_defaults(func=cmd_cluster)
 
     return p
 

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
         2 * 1024 * 1024, ge=1024, description="Largest accepted WebSocket message; beyond: close 1009."
     )
     sse_keepalive_seconds: float = Field(15.0, gt=0, description="Idle seconds before an SSE keep-alive comment.")
+    shutdown_grace_seconds: float = Field(
+        20.0, ge=0, description="On SIGTERM: seconds running generations may go on before they are cancelled."
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: torch's default.")
     log_level: str = Field("info", description="Log level of the service.")
 

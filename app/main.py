@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 
 import torch
+import uvicorn
 from fastapi import Depends, FastAPI
 
 from app import __version__, logs
@@ -65,6 +69,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ws.router)  # authenticates at connect
     app.include_router(health.router)
     return app
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, but SIGTERM first drains the engine: no new generations, running ones get a grace period.
+
+    uvicorn then waits for the open responses (which the drain ends), runs the lifespan's shutdown
+    (sessions saved, Redis closed) and exits 0.
+    """
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        services = getattr(app.state, "services", None)
+        if services is not None and not self.should_exit:
+            grace = services.settings.shutdown_grace_seconds
+            log.info("signal %d: draining for %.0fs", sig, grace)
+            asyncio.get_running_loop().call_soon_threadsafe(services.engine.drain, grace)
+        super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM:
+            # uvicorn re-raises a captured signal after shutting down; a drained SIGTERM exits 0
+            self._captured_signals.remove(sig)
+
+
+def serve(host: str, port: int, log_level: str) -> None:
+    settings = get_settings()
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=False, ws_max_size=settings.max_ws_message_bytes
+    )
+    GracefulServer(config).run()
 
 
 app = create_app()

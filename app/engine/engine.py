@@ -14,7 +14,7 @@ from app import metrics
 from app.checkpoint import Checkpoint
 from app.engine.generate import run_beam, score
 from app.engine.sequence import GenerationRequest, GenerationResult, Sequence
-from app.errors import OverloadedError
+from app.errors import OverloadedError, UnavailableError
 from app.nn import FusedStep, State, select_state, stack_states
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class Stream:
 
     def finish(self, result: GenerationResult) -> None:
         self.result = result
+        self.engine.streams.discard(self)
         self._ready.set()
 
     async def next(self, timeout: float | None = None) -> str | GenerationResult | None:
@@ -106,6 +107,8 @@ class ModelEngine:
         self.state: State | None = None
         self.beams = 0
         self.steps = 0
+        self.draining = False
+        self.streams: set[Stream] = set()  # every admitted stream not yet finished
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{ckpt.name}")
         self._task: asyncio.Task[None] | None = None
@@ -127,6 +130,8 @@ class ModelEngine:
 
     def submit(self, req: GenerationRequest, state: State | None = None) -> Stream:
         """Queue a generation; raises OverloadedError when the queue is full."""
+        if self.draining:
+            raise UnavailableError("the server is shutting down; retry on another replica", param=None)
         if self.load >= self.max_batch + self.max_queue:
             raise OverloadedError(
                 f"model {self.ckpt.name} is at capacity ({self.max_batch} running, {self.max_queue} queued); "
@@ -134,6 +139,7 @@ class ModelEngine:
                 retry_after=1,
             )
         stream = Stream(self, Sequence(req, self.decode, state))
+        self.streams.add(stream)
         if req.params.strategy == "beam":
             self.beams += 1
             asyncio.get_running_loop().create_task(self._run_beam(stream))
@@ -282,6 +288,10 @@ class ModelEngine:
     def decode_ids(self, ids: list[int]) -> str:
         return "".join(self.decode[i] for i in ids)
 
+    def abort_all(self) -> None:
+        for stream in list(self.streams):
+            stream.abort()
+
 
 class Engine:
     """The engines of all loaded models."""
@@ -299,6 +309,16 @@ class Engine:
 
     async def stop(self) -> None:
         await asyncio.gather(*(e.stop() for e in self.engines.values()))
+
+    def drain(self, grace: float) -> None:
+        """Stop admitting; `grace` seconds later, cancel what still runs (its clients get `done`)."""
+        for e in self.engines.values():
+            e.draining = True
+        asyncio.get_running_loop().call_later(grace, self.abort_all)
+
+    def abort_all(self) -> None:
+        for e in self.engines.values():
+            e.abort_all()
 
     def __getitem__(self, ckpt: Checkpoint) -> ModelEngine:
         return self.engines[ckpt.name]
