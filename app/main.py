@@ -12,12 +12,13 @@ from types import FrameType
 import torch
 import uvicorn
 from fastapi import Depends, FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from app import __version__, logs
 from app.api.deps import Services, require_owner
 from app.api.errors import register_exception_handlers
 from app.api.middleware import BodySizeLimit, RequestContext
-from app.api.routes import generate, health, models, openai, score, sessions, ws
+from app.api.routes import generate, health, models, openai, playground, score, sessions, ws
 from app.config import Settings, get_settings
 from app.engine.engine import Engine
 from app.registry import Registry
@@ -68,6 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router, dependencies=authed)
     app.include_router(ws.router)  # authenticates at connect
     app.include_router(health.router)
+    app.include_router(playground.router)  # the page is open; what it calls needs a key
+    app.mount("/static", StaticFiles(directory=playground.STATIC), name="static")
     return app
 
 
