@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from app import __version__, logs
-from app.api.deps import Services, require_owner
+from app.api.deps import KeyLimiter, Services, require_owner
 from app.api.errors import register_exception_handlers
 from app.api.middleware import BodySizeLimit, RequestContext
 from app.api.routes import generate, health, models, openai, playground, score, sessions, ws
@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = make_store(settings)
         engine = Engine(settings.max_batch, settings.max_queue, naive=settings.engine == "naive")
         engine.start(registry.models)
-        app.state.services = Services(settings, registry, engine, store)
+        app.state.services = Services(settings, registry, engine, store, KeyLimiter(settings.max_running_per_key))
         log.info("serving %d model(s), default %s, sessions %s", len(registry), registry.default, store.kind)
         try:
             yield

@@ -12,9 +12,34 @@ from starlette.requests import HTTPConnection
 
 from app.config import Settings
 from app.engine.engine import Engine
-from app.errors import AuthenticationError
+from app.errors import AuthenticationError, OverloadedError
 from app.registry import Registry
 from app.sessions.store import SessionStore
+
+
+class KeyLimiter:
+    """Generations running at once per API key (no limit without keys: the engine's queue bound applies)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.running: dict[str, int] = {}
+
+    def acquire(self, owner: str) -> None:
+        if not owner:
+            return
+        n = self.running.get(owner, 0)
+        if n >= self.limit:
+            raise OverloadedError(f"this key already runs {n} generations, the limit is {self.limit}; retry shortly")
+        self.running[owner] = n + 1
+
+    def release(self, owner: str) -> None:
+        if not owner:
+            return
+        n = self.running.get(owner, 0) - 1
+        if n > 0:
+            self.running[owner] = n
+        else:
+            self.running.pop(owner, None)
 
 
 @dataclass
@@ -23,6 +48,7 @@ class Services:
     registry: Registry
     engine: Engine
     store: SessionStore
+    limiter: KeyLimiter
 
 
 def get_services(conn: HTTPConnection) -> Services:

@@ -182,12 +182,7 @@ async def finish(job: Job, result: GenerationResult, svc: Services) -> GenerateR
 
 
 async def generate(req: GenerateRequest, svc: Services, owner: str) -> GenerateResponse:
-    job = await prepare(req, svc, owner)
-    try:
-        stream = svc.engine[job.ckpt].submit(job.request, job.state)
-    except BaseException:
-        await sessions.abandon(job, svc)
-        raise
+    job, stream = await start_stream(req, svc, owner)
     try:
         while True:
             item = await stream.next()
@@ -203,10 +198,18 @@ async def start_stream(req: GenerateRequest, svc: Services, owner: str) -> tuple
     """Validate and admit a streamed generation; raises before anything is sent."""
     job = await prepare(req, svc, owner)
     try:
-        return job, svc.engine[job.ckpt].submit(job.request, job.state)
+        svc.limiter.acquire(owner)
     except BaseException:
         await sessions.abandon(job, svc)
         raise
+    try:
+        stream = svc.engine[job.ckpt].submit(job.request, job.state)
+    except BaseException:
+        svc.limiter.release(owner)
+        await sessions.abandon(job, svc)
+        raise
+    stream.when_done(lambda: svc.limiter.release(owner))
+    return job, stream
 
 
 async def stream_events(

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -36,6 +37,7 @@ class Stream:
         self.delivered = False
         self.sent = 0  # characters handed to the client so far
         self._ready = asyncio.Event()
+        self._done_callbacks: list[Callable[[], None]] = []
 
     def push_text(self, text: str) -> None:
         now = time.perf_counter()
@@ -52,6 +54,12 @@ class Stream:
         self.result = result
         self.engine.streams.discard(self)
         self._ready.set()
+        for callback in self._done_callbacks:
+            callback()
+
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the generation has ended, however it ended."""
+        self._done_callbacks.append(callback)
 
     async def next(self, timeout: float | None = None) -> str | GenerationResult | None:
         """All text made since the last call (at least one character), else the result once done.

@@ -156,3 +156,22 @@ def test_body_that_is_not_an_object_is_400(client: TestClient, content: bytes) -
     r = client.post("/generate", content=content, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     assert error_of(r)["type"] == "invalid_request_error"
+
+
+def test_concurrent_generations_per_key_are_limited(tiny_models_dir) -> None:  # type: ignore[no-untyped-def]
+    from app.config import Settings
+    from app.main import create_app
+
+    settings = Settings(models_dir=tiny_models_dir, api_keys="a,b", max_running_per_key=1)
+    with TestClient(create_app(settings)) as c:
+        body = {"prompt": "A", "max_tokens": 500, "stream": True}
+        with c.stream("POST", "/generate", json=body, headers={"authorization": "Bearer a"}) as first:
+            assert first.status_code == 200
+            again = c.post("/generate", json={"max_tokens": 1}, headers={"authorization": "Bearer a"})
+            assert again.status_code == 429 and again.headers["retry-after"]
+            assert "limit is 1" in error_of(again)["message"]
+            other = c.post("/generate", json={"max_tokens": 1}, headers={"authorization": "Bearer b"})
+            assert other.status_code == 200
+            first.read()
+        after = c.post("/generate", json={"max_tokens": 1}, headers={"authorization": "Bearer a"})
+        assert after.status_code == 200
