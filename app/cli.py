@@ -138,6 +138,14 @@ def cmd_cluster(args: argparse.Namespace) -> None:
     raise SystemExit(cluster.serve(args.port, args.host, args.replicas, args.redis_port, args.lb, workdir))
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from app.checkpoint import load_checkpoint
+    from app.training import report
+
+    ckpts = [load_checkpoint(Path(args.models_dir) / name) for name in args.models.split(",")]
+    report.write(ckpts, Path(args.readme), Path(args.plot))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rnnserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -205,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("report", help="write the README's model table, loss-curve plot and samples")
+    r.add_argument("--models", default="shakespeare-lstm,shakespeare-gru,shakespeare-rnn")
+    r.add_argument("--models-dir", default="models")
+    r.add_argument("--readme", default="README.md")
+    r.add_argument("--plot", default="docs/loss_curves.png")
+    r.set_defaults(func=cmd_report)
 
     b = sub.add_parser("bench", help="benchmark the server against the naive baseline (over HTTP)")
     b.add_argument("--models", default="shakespeare-lstm,shakespeare-gru,shakespeare-rnn")

@@ -1,0 +1,112 @@
+"""The model report of the README: comparison table, loss-curve plot and samples of each model."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from app.checkpoint import Checkpoint
+from app.engine.generate import generate
+from app.engine.sampling import SamplingParams
+from app.engine.sequence import GenerationRequest
+from app.nn import FusedStep
+
+SAMPLE_PROMPT = "ROMEO:\n"
+SAMPLE_SEED = 1
+
+
+def fmt_time(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min"
+
+
+@torch.inference_mode()
+def chars_per_second(ckpt: Checkpoint, n: int = 2000) -> float:
+    """Single-stream decoding speed of the fused step (batch 1), on this machine."""
+    step = FusedStep(ckpt.model)
+    state = ckpt.model.zero_state(1)
+    ids = torch.tensor([ckpt.vocab.bos])
+    start = time.perf_counter()
+    for _ in range(n):
+        logits, state = step(ids, state)
+        ids = logits.argmax(dim=-1)
+    return n / (time.perf_counter() - start)
+
+
+def table(ckpts: list[Checkpoint]) -> str:
+    rows = [
+        "| model | cell | layers x hidden | parameters | val nats/char | val bits/char | test nats/char "
+        "| test bits/char | training | chars/s (1 stream) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for c in ckpts:
+        cfg, m, t = c.model.config, c.meta.get("metrics", {}), c.meta.get("training", {})
+        steps, seen = t.get("steps", 0), t.get("chars_seen", 0)
+        rows.append(
+            f"| {c.name} | {cfg.arch} | {cfg.num_layers} x {cfg.hidden_size} | {c.model.num_parameters:,} "
+            f"| {m.get('val_nats_per_char', float('nan')):.3f} | {m.get('val_bits_per_char', float('nan')):.3f} "
+            f"| {m.get('test_nats_per_char', float('nan')):.3f} | {m.get('test_bits_per_char', float('nan')):.3f} "
+            f"| {fmt_time(t.get('train_seconds', 0))}, {steps:,} steps, {seen / 1e6:.1f}M chars "
+            f"| {chars_per_second(c):,.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def samples(ckpts: list[Checkpoint], n: int = 240) -> str:
+    out = []
+    for c in ckpts:
+        out.append(f"**{c.name}**, prompt `{SAMPLE_PROMPT!r}`, seed {SAMPLE_SEED}:\n")
+        for label, params in (
+            ("greedy", SamplingParams(strategy="greedy")),
+            ("temperature 0.8", SamplingParams(temperature=0.8)),
+            ("temperature 1.0", SamplingParams(temperature=1.0)),
+        ):
+            ids = [c.vocab.bos, *c.vocab.encode(SAMPLE_PROMPT)]
+            result = generate(c.model, c.vocab.chars, GenerationRequest(ids, n, params, SAMPLE_SEED), None)
+            out.append(f"_{label}_\n\n```\n{SAMPLE_PROMPT}{c.vocab.decode(result.ids)}\n```\n")
+    return "\n".join(out)
+
+
+def plot(ckpts: list[Checkpoint], path: Path) -> None:
+    """Training and validation loss (nats/char) against characters seen, one colour per cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for c, colour in zip(ckpts, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=False):
+        curve = c.meta.get("curve", [])
+        t = c.meta.get("training", {})
+        per_step = t.get("batch_size", 64) * t.get("seq_len", 128) / 1e6
+        x = [p["step"] * per_step for p in curve]
+        ax.plot(x, [p["train"] for p in curve], "--", color=colour, label=f"{c.name} train")
+        ax.plot(x, [p["val"] for p in curve], "-", color=colour, label=f"{c.name} validation")
+    ax.set_xlabel("training characters (millions)")
+    ax.set_ylabel("nats/char")
+    ax.set_ylim(1.2, 2.6)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    head, rest = text.split(start, 1)
+    return f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
+
+
+def write(ckpts: list[Checkpoint], readme: Path, plot_path: Path) -> None:
+    plot(ckpts, plot_path)
+    rel = plot_path.relative_to(readme.parent) if plot_path.is_relative_to(readme.parent) else plot_path
+    body = (
+        f"{table(ckpts)}\n\n![training and validation loss]({rel})\n\n"
+        f"Samples (the same prompt and seed for every model):\n\n{samples(ckpts)}"
+    )
+    readme.write_text(replace_section(readme.read_text(), "models", body))
+    print(json.dumps({c.name: c.meta.get("metrics") for c in ckpts}, indent=2))
