@@ -25,11 +25,12 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(100_000, ge=1, description="Longest accepted prompt, in characters.")
     max_tokens_limit: int = Field(10_000, ge=1, description="Largest accepted max_tokens.")
     max_batch: int = Field(128, ge=1, description="Generations advanced together in one step, per model.")
-    max_running_per_key: int = Field(
-        64, ge=1, description="Generations one API key may run at once; beyond: 429."
-    )
+    max_running_per_key: int = Field(64, ge=1, description="Generations one API key may run at once; beyond: 429.")
     engine: Literal["batched", "naive"] = Field(
         "batched", description="'naive': the unbatched baseline of `rnnserve bench` (one request at a time)."
+    )
+    step: Literal["onnx", "torch"] = Field(
+        "onnx", description="Decoding step: the fused step run by ONNX Runtime ('onnx') or by torch ('torch')."
     )
     max_queue: int = Field(256, ge=0, description="Generations waiting for a slot, per model; beyond: 429.")
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest accepted request body; beyond: 413.")

@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             torch.set_num_threads(settings.torch_threads)
         registry = Registry.load(settings.models_dir, settings.default_model)
         store = make_store(settings)
-        engine = Engine(settings.max_batch, settings.max_queue, naive=settings.engine == "naive")
+        engine = Engine(settings.max_batch, settings.max_queue, naive=settings.engine == "naive", step=settings.step)
         engine.start(registry.models)
         app.state.services = Services(settings, registry, engine, store, KeyLimiter(settings.max_running_per_key))
         log.info("serving %d model(s), default %s, sessions %s", len(registry), registry.default, store.kind)

@@ -16,7 +16,7 @@ from app.checkpoint import Checkpoint
 from app.engine.generate import run_beam, score
 from app.engine.sequence import GenerationRequest, GenerationResult, Sequence
 from app.errors import OverloadedError, UnavailableError
-from app.nn import FusedStep, State, select_state, stack_states
+from app.nn import CharRNN, FusedStep, State, select_state, stack_states
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +96,20 @@ class ModelEngine:
     """
 
     def __init__(
-        self, ckpt: Checkpoint, max_batch: int, max_queue: int, prefill_chunk: int = 1024, naive: bool = False
+        self,
+        ckpt: Checkpoint,
+        max_batch: int,
+        max_queue: int,
+        prefill_chunk: int = 1024,
+        naive: bool = False,
+        step: str = "torch",
     ) -> None:
         self.ckpt = ckpt
         self.model = ckpt.model
         self.naive = naive
         if naive:
             max_batch = 1
-        self.fused = None if naive else FusedStep(ckpt.model)
+        self.fused = None if naive else make_step(ckpt.model, step)
         self.row_multiple = 1 if naive else ROW_MULTIPLE
         self.decode = ckpt.vocab.chars
         self.max_batch = max_batch
@@ -301,18 +307,28 @@ class ModelEngine:
             stream.abort()
 
 
+def make_step(model: CharRNN, kind: str) -> Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]:
+    """The decoding step: ONNX Runtime's run of the fused step ("onnx"), or the fused step in torch."""
+    if kind == "onnx":
+        from app.nn.onnx_step import OnnxStep
+
+        return OnnxStep(model, threads=torch.get_num_threads())
+    return FusedStep(model)
+
+
 class Engine:
     """The engines of all loaded models."""
 
-    def __init__(self, max_batch: int, max_queue: int, naive: bool = False) -> None:
+    def __init__(self, max_batch: int, max_queue: int, naive: bool = False, step: str = "torch") -> None:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.naive = naive
+        self.step = step
         self.engines: dict[str, ModelEngine] = {}
 
     def start(self, models: dict[str, Checkpoint]) -> None:
         for name, ckpt in models.items():
-            self.engines[name] = ModelEngine(ckpt, self.max_batch, self.max_queue, naive=self.naive)
+            self.engines[name] = ModelEngine(ckpt, self.max_batch, self.max_queue, naive=self.naive, step=self.step)
             self.engines[name].start()
 
     async def stop(self) -> None:

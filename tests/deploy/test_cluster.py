@@ -1,0 +1,221 @@
+"""`rnnserve cluster`, the process twin of docker-compose.yml: sessions move between replicas, the balancer spreads."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from websockets.sync.client import connect
+
+from app.cluster import Cluster, TcpBalancer, accepts, free_ports, start_cluster
+from tests.api.conftest import write_tiny_models
+from tests.deploy.conftest import ROOT
+
+BALANCERS = ["python", pytest.param("nginx", marks=pytest.mark.skipif(not shutil.which("nginx"), reason="no nginx"))]
+PROMPT = "First Citizen:\n"
+
+
+def tiny_env(models: Path) -> dict[str, str]:
+    return {"RNNSERVE_MODELS_DIR": str(models), "RNNSERVE_DEFAULT_MODEL": "tiny-lstm", "RNNSERVE_TORCH_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("cluster-models")
+    write_tiny_models(directory)
+    return directory
+
+
+@pytest.fixture(scope="module", params=BALANCERS)
+def cluster(
+    request: pytest.FixtureRequest, tiny_models: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    workdir = tmp_path_factory.mktemp(f"cluster-{request.param}")
+    c = start_cluster(port=free_ports(1)[0], lb=request.param, env=tiny_env(tiny_models), workdir=workdir)
+    try:
+        yield c
+    finally:
+        c.stop()
+    # stop() leaves nothing running and nothing listening
+    assert all(child.proc.returncode is not None for child in c.children)
+    for url in [c.url, *c.replica_urls, c.redis_url]:
+        host, port = re.search(r"//([\d.]+):(\d+)", url).groups()  # type: ignore[union-attr]
+        assert not accepts(host, int(port)), url
+
+
+def post(url: str, **body: Any) -> dict[str, Any]:
+    """One request on a connection of its own (the python balancer balances per connection)."""
+    response = httpx.post(f"{url}/generate", json=body, timeout=60, trust_env=False)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def test_topology(cluster: Cluster, request: pytest.FixtureRequest) -> None:
+    assert cluster.lb == request.node.callspec.params["cluster"]
+    assert len(cluster.replica_urls) == 2 and cluster.url not in cluster.replica_urls
+    port = int(cluster.redis_url.rsplit(":", 1)[1].split("/")[0])
+    with redis.Redis(port=port) as r:
+        assert r.config_get("appendonly") == {"appendonly": "yes"}
+    for url in cluster.replica_urls:
+        ready = httpx.get(f"{url}/readyz", trust_env=False).json()
+        assert ready["store"] == "redis" and ready["store_ok"] is True, ready
+    assert cluster.dead() == []
+
+
+def test_greedy_session_continues_exactly_on_the_other_replica(cluster: Cluster) -> None:
+    one, two = cluster.replica_urls
+    first = post(one, prompt=PROMPT, strategy="greedy", max_tokens=30)
+    second = post(two, session_id=first["session_id"], strategy="greedy", max_tokens=30)
+    whole = post(cluster.url, prompt=PROMPT, strategy="greedy", max_tokens=60, save_session=False)
+    assert first["text"] + second["text"] == whole["text"]
+    assert second["session_id"] == first["session_id"]
+    info = httpx.get(f"{one}/sessions/{first['session_id']}", trust_env=False).json()
+    assert info["chars"] == second["usage"]["session_chars"] == len(PROMPT) + 60
+
+
+def test_seeded_sampled_session_continues_exactly_on_the_other_replica(cluster: Cluster) -> None:
+    one, two = cluster.replica_urls
+    first = post(two, prompt=PROMPT, seed=7, max_tokens=40)
+    second = post(one, session_id=first["session_id"], max_tokens=40)  # no seed: the stored generator goes on
+    whole = post(one, prompt=PROMPT, seed=7, max_tokens=80, save_session=False)
+    assert len(set(whole["text"])) > 5  # a sample, not one character over and over
+    assert first["text"] + second["text"] == whole["text"]
+
+
+def test_balancer_sends_requests_to_both_replicas(cluster: Cluster) -> None:
+    before = cluster.backend_hits()
+    first = post(cluster.url, prompt=PROMPT, seed=3, max_tokens=20)
+    texts = [first["text"]]
+    session = first["session_id"]
+    for _ in range(5):
+        texts.append(post(cluster.url, session_id=session, max_tokens=20)["text"])
+    whole = post(cluster.url, prompt=PROMPT, seed=3, max_tokens=120, save_session=False)
+    assert "".join(texts) == whole["text"]
+    after = cluster.backend_hits()
+    spread = {url: after[url] - before[url] for url in cluster.replica_urls}
+    assert sum(spread.values()) == 7 and all(n >= 3 for n in spread.values()), spread
+
+
+def test_sse_streams_through_the_balancer(cluster: Cluster) -> None:
+    body = {"prompt": PROMPT, "seed": 11, "max_tokens": 50, "stream": True, "save_session": False}
+    events: list[tuple[str, dict[str, Any]]] = []
+    with httpx.stream("POST", f"{cluster.url}/generate", json=body, timeout=60, trust_env=False) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        event = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: ") and event is not None:
+                events.append((event, json.loads(line.removeprefix("data: "))))
+    assert [e for e, _ in events][-1] == "done" and {e for e, _ in events[:-1]} == {"token"}
+    streamed = "".join(data["text"] for _, data in events[:-1])
+    plain = post(cluster.url, prompt=PROMPT, seed=11, max_tokens=50, save_session=False)
+    assert streamed == events[-1][1]["text"] == plain["text"]
+
+
+def test_websocket_through_the_balancer_continues_its_session(cluster: Cluster) -> None:
+    ws_url = cluster.url.replace("http://", "ws://") + "/ws/generate"
+    texts = []
+    session = None
+    with connect(ws_url, open_timeout=30) as ws:
+        for request in ({"prompt": PROMPT, "seed": 5, "max_tokens": 25}, {"max_tokens": 25}):
+            ws.send(json.dumps({"type": "generate", **request, **({"session_id": session} if session else {})}))
+            tokens = []
+            while (message := json.loads(ws.recv(timeout=60)))["type"] == "token":
+                tokens.append(message["text"])
+            assert message["type"] == "done", message
+            assert "".join(tokens) == message["text"]
+            texts.append(message["text"])
+            session = message["session_id"]
+    whole = post(cluster.url, prompt=PROMPT, seed=5, max_tokens=50, save_session=False)
+    assert "".join(texts) == whole["text"]
+
+
+def test_body_over_the_limit_is_413_in_the_error_shape(cluster: Cluster) -> None:
+    body = b'{"prompt": "' + b"a" * (2 * 1024 * 1024) + b'"}'
+    response = httpx.post(
+        f"{cluster.url}/generate", content=body, headers={"content-type": "application/json"}, trust_env=False
+    )
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert error["type"] == "payload_too_large_error" and "2097152" in error["message"]
+
+
+def test_cli_runs_until_sigterm_and_stops_everything(tiny_models: Path, tmp_path: Path) -> None:
+    port = free_ports(1)[0]
+    args = [sys.executable, "-m", "app.cli", "cluster", "--port", str(port), "--replicas", "1", "--lb", "python",
+            "--workdir", str(tmp_path)]  # fmt: skip
+    env = {**os.environ, **tiny_env(tiny_models)}
+    with subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        lines: queue.Queue[str] = queue.Queue()
+        reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or ()], daemon=True)
+        reader.start()
+        output = []
+        try:
+            deadline = time.monotonic() + 120
+            while not output or "Ctrl-C stops them all." not in output[-1]:
+                assert proc.poll() is None and time.monotonic() < deadline, "".join(output)
+                with contextlib.suppress(queue.Empty):
+                    output.append(lines.get(timeout=1))
+            text = "".join(output)
+            assert httpx.get(f"http://127.0.0.1:{port}/readyz", trust_env=False).status_code == 200
+            ports = [port, *map(int, re.findall(r"(?:replica 1|redis) +\w+://127\.0\.0\.1:(\d+)", text))]
+            assert len(ports) == 3, text
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            reader.join(timeout=10)
+    assert all(not accepts("127.0.0.1", p) for p in ports)
+    assert (tmp_path / "redis" / "appendonlydir").is_dir()  # a given workdir is kept, with Redis' files
+
+
+class Answer200(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_python_balancer_skips_a_dead_replica_and_answers_503_when_none_is_left() -> None:
+    dead, port = free_ports(2)
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer200) as live:
+        threading.Thread(target=live.serve_forever, daemon=True).start()
+        live_port = live.server_address[1]
+        balancer = TcpBalancer("127.0.0.1", port, [("127.0.0.1", dead), ("127.0.0.1", live_port)])
+        balancer.start()
+        try:
+            for _ in range(4):
+                assert httpx.get(f"http://127.0.0.1:{port}/", trust_env=False).text == "ok"
+            assert balancer.connections == {f"127.0.0.1:{live_port}": 4}
+            live.shutdown()
+            live.server_close()
+            response = httpx.get(f"http://127.0.0.1:{port}/", trust_env=False)
+            assert response.status_code == 503
+            assert response.json()["error"]["type"] == "service_unavailable_error"
+        finally:
+            balancer.stop()
+    assert not balancer.alive() and not accepts("127.0.0.1", port)
