@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import torch
 
+from app.readme import write_section
+
 CONCURRENCY = (1, 8, 32, 128)
 HISTORIES = (100, 100_000)
 FALLBACK_TEXT = (
@@ -101,7 +103,7 @@ async def measure(url: str, mode: str, model: str, history: str, cfg: dict[str, 
     res = Result(mode, model)
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        body = {"model": model, "prompt": "ROMEO:\n", "save_session": False}
+        body = {"model": model, "prompt": history[:100], "save_session": False}  # a 100-character prompt
         _, seconds, chars = await stream_once(client, url, {**body, "max_tokens": cfg["single"], "seed": 1})
         res.single_chars_per_s = chars / seconds
         for c in CONCURRENCY:
@@ -195,14 +197,81 @@ def run(models: list[str], models_dir: Path, out: Path | None, readme: Path | No
                 results.append(asyncio.run(measure(server.url, mode, model, history, cfg)))
         finally:
             server.stop()
+    refs = [reference(models_dir / m, results) for m in models]
     report = f"Measured on {machine()}; ratios are rnnserve over the naive baseline (latency: naive over rnnserve).\n\n"
-    report += table(results)
+    report += table(results) + "\n\n" + reference_table(refs)
     if out is not None:
-        out.write_text(json.dumps([r.__dict__ for r in results], indent=2) + "\n")
+        out.write_text(json.dumps({"http": [r.__dict__ for r in results], "reference": refs}, indent=2) + "\n")
     if readme is not None:
-        text = readme.read_text()
-        start, end = "<!-- bench:start -->", "<!-- bench:end -->"
-        if start in text and end in text:
-            head, rest = text.split(start, 1)
-            readme.write_text(f"{head}{start}\n{report}\n{end}{rest.split(end, 1)[1]}")
+        write_section(readme, "bench", report)
     return report
+
+
+@torch.inference_mode()
+def reference(model_dir: Path, results: list[Result], steps: int = 300) -> dict[str, Any]:
+    """In-process reference points: the ONNX Runtime step loop without a server, the matmul-bound
+    ceiling of the step at 128 rows on this machine, and the bytes of one stored session."""
+    from app.checkpoint import load_checkpoint
+    from app.nn.onnx_step import OnnxStep
+    from app.sessions.record import SessionRecord, encode_state
+
+    ckpt = load_checkpoint(model_dir)
+    model, cfg = ckpt.model, ckpt.model.config
+    step = OnnxStep(model, threads=torch.get_num_threads())
+    ort_rate = {}
+    for batch in (1, 32, 128):
+        ids, state = torch.zeros(batch, dtype=torch.long), model.zero_state(batch)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            _, state = step(ids, state)
+        ort_rate[batch] = batch * steps / (time.perf_counter() - t0)
+    # multiply-adds per character: every layer's hidden projection, the input projections of
+    # layers 1.., the head (layer 0's input projection is a table lookup)
+    gates = {"rnn": 1, "gru": 3, "lstm": 4}[cfg.arch] * cfg.hidden_size
+    macs = cfg.num_layers * cfg.hidden_size * gates + (cfg.num_layers - 1) * cfg.hidden_size * gates
+    macs += cfg.hidden_size * cfg.vocab_size
+    flops_per_s = matmul_rate()
+    bound = flops_per_s / (2 * macs)
+    served = next(r for r in results if r.mode == "batched" and r.model == ckpt.name).aggregate_chars_per_s[128]
+    record = SessionRecord(
+        session_id="sess-" + "x" * 32, owner="", model=ckpt.name, model_sha256=ckpt.sha256,
+        state=encode_state(model.zero_state(1)), last="\n",
+        generator_state=torch.Generator().get_state().numpy().tobytes(), seed=0, chars=0, tail="x" * 200,
+        created_at=0.0, updated_at=0.0, expires_at=0.0,
+    )  # fmt: skip
+    return {
+        "model": ckpt.name,
+        "ort_chars_per_s": ort_rate,
+        "matmul_gflops": flops_per_s / 1e9,
+        "bound_chars_per_s_128": bound,
+        "served_chars_per_s_128": served,
+        "session_bytes": len(record.to_bytes()),
+    }
+
+
+def matmul_rate(n: int = 1024, repeats: int = 20) -> float:
+    """The machine's float32 matrix-multiply rate (FLOP/s): the best of `repeats` n x n x n products."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def reference_table(refs: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | ONNX Runtime step loop, no server: chars/s at 1 / 32 / 128 rows | matmul-bound chars/s at 128 "
+        "rows | served at 128 streams / bound | bytes per stored session |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in refs:
+        o = r["ort_chars_per_s"]
+        lines.append(
+            f"| {r['model']} | {o[1]:,.0f} / {o[32]:,.0f} / {o[128]:,.0f} | {r['bound_chars_per_s_128']:,.0f} "
+            f"({r['matmul_gflops']:.0f} GFLOP/s) | {r['served_chars_per_s_128'] / r['bound_chars_per_s_128']:.0%} "
+            f"| {r['session_bytes']:,} |"
+        )
+    return "\n".join(lines)

@@ -13,6 +13,7 @@ from app.engine.generate import generate
 from app.engine.sampling import SamplingParams
 from app.engine.sequence import GenerationRequest
 from app.nn import FusedStep
+from app.readme import write_section
 
 SAMPLE_PROMPT = "ROMEO:\n"
 SAMPLE_SEED = 1
@@ -95,12 +96,6 @@ def plot(ckpts: list[Checkpoint], path: Path) -> None:
     plt.close(fig)
 
 
-def replace_section(text: str, name: str, body: str) -> str:
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    head, rest = text.split(start, 1)
-    return f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
-
-
 def write(ckpts: list[Checkpoint], readme: Path, plot_path: Path) -> None:
     plot(ckpts, plot_path)
     rel = plot_path.relative_to(readme.parent) if plot_path.is_relative_to(readme.parent) else plot_path
@@ -108,5 +103,5 @@ def write(ckpts: list[Checkpoint], readme: Path, plot_path: Path) -> None:
         f"{table(ckpts)}\n\n![training and validation loss]({rel})\n\n"
         f"Samples (the same prompt and seed for every model):\n\n{samples(ckpts)}"
     )
-    readme.write_text(replace_section(readme.read_text(), "models", body))
+    write_section(readme, "models", body)
     print(json.dumps({c.name: c.meta.get("metrics") for c in ckpts}, indent=2))
