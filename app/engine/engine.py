@@ -14,6 +14,7 @@ import torch
 from app import metrics
 from app.checkpoint import Checkpoint
 from app.engine.generate import run_beam, score
+from app.engine.sampling import draw, filter_logits
 from app.engine.sequence import GenerationRequest, GenerationResult, Sequence
 from app.errors import OverloadedError, UnavailableError
 from app.nn import CharRNN, FusedStep, State, select_state, stack_states
@@ -260,12 +261,10 @@ class ModelEngine:
         self.state = select_state(state, torch.arange(n)) if pad else state
         metrics.BATCH.labels(self.ckpt.name).observe(n)
         metrics.CHARS.labels(self.ckpt.name).inc(sum(s.seq.finish_reason is None for s in self.running))
-        greedy = [i for i, s in enumerate(self.running) if s.seq.params.strategy == "greedy"]
-        argmax = logits[greedy].argmax(dim=-1).tolist() if greedy else []
-        chosen = dict(zip(greedy, argmax, strict=True))
+        chosen = choose_rows(logits[:n], [s.seq for s in self.running])
         for i, stream in enumerate(self.running):
             if stream.seq.finish_reason is None:
-                stream.seq.advance(logits[i], chosen.get(i))
+                stream.seq.advance(logits[i], chosen[i])
 
     def _fail_all(self) -> list[Stream]:
         failed = self.prefilling + self.running
@@ -305,6 +304,22 @@ class ModelEngine:
     def abort_all(self) -> None:
         for stream in list(self.streams):
             stream.abort()
+
+
+def choose_rows(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """The next character of every row at once: argmax for greedy rows; for sampling rows, their
+    own filters and one uniform draw from their own generator each (as `sampling.choose`)."""
+    chosen = logits.argmax(dim=-1)
+    rows = [i for i, seq in enumerate(seqs) if seq.params.strategy == "sample" and seq.finish_reason is None]
+    if rows:
+        params = [seqs[i].params for i in rows]
+        column = [[p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params],
+                  [p.min_p for p in params]]  # fmt: skip
+        temperature, top_k, top_p, min_p = (torch.tensor(c, dtype=logits.dtype).unsqueeze(1) for c in column)
+        probs = torch.softmax(filter_logits(logits[rows], temperature, top_k, top_p, min_p), dim=-1)
+        uniforms = torch.cat([torch.rand(1, generator=seqs[i].generator, dtype=torch.float64) for i in rows])
+        chosen[rows] = draw(probs, uniforms)
+    return chosen.tolist()
 
 
 def make_step(model: CharRNN, kind: str) -> Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]:

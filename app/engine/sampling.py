@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,44 +42,86 @@ class SamplingParams:
             raise ValueError("beam_width must be in 2..16")
 
 
-def top_k_mask(logits: Tensor, k: int) -> Tensor:
-    """True where a logit is outside the k largest of its row (ties at the k-th are kept)."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return torch.zeros_like(logits, dtype=torch.bool)
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits < kth
+Param = float | Tensor  # one value for every row, or a column (B, 1) of per-row values
 
 
-def top_p_mask(logits: Tensor, p: float) -> Tensor:
-    """True outside the smallest set of most likely tokens whose probability reaches p."""
-    if p >= 1.0:
-        return torch.zeros_like(logits, dtype=torch.bool)
+def _column(value: Param, logits: Tensor) -> Tensor:
+    return torch.as_tensor(value, dtype=logits.dtype).reshape(-1, 1)
+
+
+def _rows(mask_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Param], Tensor]:
+    """Run a mask on (B, V) rows whatever the logits' leading shape; the mask keeps that shape."""
+
+    @functools.wraps(mask_fn)
+    def wrapper(logits: Tensor, value: Param) -> Tensor:
+        rows = logits.reshape(-1, logits.shape[-1])
+        return mask_fn(rows, _column(value, rows)).reshape(logits.shape)
+
+    return wrapper
+
+
+@_rows
+def top_k_mask(logits: Tensor, k: Tensor) -> Tensor:
+    """True where a logit is outside the k largest of its row (ties at the k-th are kept); k <= 0: off."""
+    k = k.long()
+    desc = torch.sort(logits, dim=-1, descending=True).values
+    kth = desc.gather(-1, (k - 1).clamp(0, logits.shape[-1] - 1).expand(desc.shape[0], 1))
+    return (logits < kth) & (k > 0)
+
+
+@_rows
+def top_p_mask(logits: Tensor, p: Tensor) -> Tensor:
+    """True outside the smallest set of most likely tokens whose probability reaches p; p >= 1: off."""
     probs, order = torch.sort(torch.softmax(logits, dim=-1), dim=-1, descending=True, stable=True)
     before = torch.cumsum(probs, dim=-1) - probs  # mass of the strictly more likely tokens
-    drop_sorted = before >= p
+    drop_sorted = (before >= p) & (p < 1.0)
     return torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
 
 
-def min_p_mask(logits: Tensor, min_p: float) -> Tensor:
-    """True where a token's probability is below min_p times the most likely token's."""
-    if min_p <= 0.0:
-        return torch.zeros_like(logits, dtype=torch.bool)
+@_rows
+def min_p_mask(logits: Tensor, min_p: Tensor) -> Tensor:
+    """True where a token's probability is below min_p times the most likely token's; 0: off."""
     probs = torch.softmax(logits, dim=-1)
     return probs < min_p * probs.max(dim=-1, keepdim=True).values
 
 
-def filtered_logits(logits: Tensor, params: SamplingParams) -> Tensor:
-    """Logits (..., V) after temperature, top-k, top-p and min-p; removed tokens are -inf."""
-    x = logits / params.temperature
+def filter_logits(
+    logits: Tensor, temperature: Param, top_k: Param = 0, top_p: Param = 1.0, min_p: Param = 0.0
+) -> Tensor:
+    """Logits (B, V) after temperature, top-k, top-p and min-p; removed tokens are -inf.
+
+    Each parameter is one value or a column of per-row values, so rows with different
+    parameters are filtered together.
+    """
+    t = torch.as_tensor(temperature, dtype=logits.dtype)
+    x = logits / (t.reshape(-1, 1) if t.dim() else t)
     # each filter sees the distribution left by the ones before it
-    x = x.masked_fill(top_k_mask(x, params.top_k), float("-inf"))
-    x = x.masked_fill(top_p_mask(x, params.top_p), float("-inf"))
-    return x.masked_fill(min_p_mask(x, params.min_p), float("-inf"))
+    x = x.masked_fill(top_k_mask(x, top_k), float("-inf"))
+    x = x.masked_fill(top_p_mask(x, top_p), float("-inf"))
+    return x.masked_fill(min_p_mask(x, min_p), float("-inf"))
+
+
+def filtered_logits(logits: Tensor, params: SamplingParams) -> Tensor:
+    """filter_logits with one request's parameters."""
+    return filter_logits(logits, params.temperature, params.top_k, params.top_p, params.min_p)
+
+
+def draw(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """Inverse-CDF draws: row i takes the token where its cumulative probability passes uniforms[i].
+
+    Never a token of probability 0 (the search is for the first cumulative mass strictly above).
+    """
+    cdf = torch.cumsum(probs, dim=-1)  # (B, V)
+    target = (uniforms.reshape(-1, 1) * cdf[:, -1:]).to(cdf.dtype)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 def choose(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
-    """Next ids (B,) from logits (B, V): argmax for greedy, a draw from the filtered softmax otherwise."""
+    """Next ids (B,) from logits (B, V): argmax for greedy, a draw from the filtered softmax otherwise.
+
+    A draw uses one uniform number per row from `generator`, like the engine's batched sampling.
+    """
     if params.strategy == "greedy":
         return logits.argmax(dim=-1)
     probs = torch.softmax(filtered_logits(logits, params), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(probs, torch.rand(logits.shape[0], generator=generator, dtype=torch.float64))
