@@ -26,6 +26,13 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(10_000, ge=1, description="Largest accepted max_tokens.")
     max_batch: int = Field(128, ge=1, description="Generations advanced together in one step, per model.")
     max_running_per_key: int = Field(64, ge=1, description="Generations one API key may run at once; beyond: 429.")
+    rate_limit_per_minute: int = Field(
+        0,
+        ge=0,
+        description="Requests per minute per API key (per client address without keys), shared "
+        "across replicas through Redis when RNNSERVE_REDIS_URL is set; 0: off.",
+    )
+    cors_origins: str = Field("", description="Comma-separated origins allowed by CORS ('*' for any); empty: off.")
     engine: Literal["batched", "naive"] = Field(
         "batched", description="'naive': the unbatched baseline of `rnnserve bench` (one request at a time)."
     )

@@ -12,12 +12,14 @@ from types import FrameType
 import torch
 import uvicorn
 from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from app import __version__, logs
 from app.api.deps import KeyLimiter, Services, require_owner
 from app.api.errors import register_exception_handlers
 from app.api.middleware import BodySizeLimit, RequestContext
+from app.api.ratelimit import RateLimiter
 from app.api.routes import generate, health, models, openai, playground, score, sessions, ws
 from app.config import Settings, get_settings
 from app.engine.engine import Engine
@@ -47,13 +49,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = make_store(settings)
         engine = Engine(settings.max_batch, settings.max_queue, naive=settings.engine == "naive", step=settings.step)
         engine.start(registry.models)
-        app.state.services = Services(settings, registry, engine, store, KeyLimiter(settings.max_running_per_key))
+        rate = (
+            RateLimiter(settings.rate_limit_per_minute, settings.redis_url) if settings.rate_limit_per_minute else None
+        )
+        limiter = KeyLimiter(settings.max_running_per_key)
+        app.state.services = Services(settings, registry, engine, store, limiter, rate)
         log.info("serving %d model(s), default %s, sessions %s", len(registry), registry.default, store.kind)
         try:
             yield
         finally:
             await engine.stop()
             await store.close()
+            if rate is not None:
+                await rate.close()
 
     app = FastAPI(
         title="rnnserve",
@@ -64,6 +72,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     register_exception_handlers(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestContext)
+    if settings.cors_origins:
+        origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
     authed = [Depends(require_owner)]
     for module in (generate, score, sessions, models, openai):
         app.include_router(module.router, dependencies=authed)

@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from starlette.requests import HTTPConnection
 
+from app.api.ratelimit import RateLimiter
 from app.config import Settings
 from app.engine.engine import Engine
 from app.errors import AuthenticationError, OverloadedError
@@ -49,6 +50,7 @@ class Services:
     engine: Engine
     store: SessionStore
     limiter: KeyLimiter
+    rate: RateLimiter | None = None
 
 
 def get_services(conn: HTTPConnection) -> Services:
@@ -81,8 +83,13 @@ def authenticate(conn: HTTPConnection, token: str | None = None) -> str:
     return owner_of(matched)
 
 
-def require_owner(request: Request) -> str:
-    return authenticate(request)
+async def require_owner(request: Request) -> str:
+    """Authenticate the caller and count the request against the rate limit, if one is set."""
+    owner = authenticate(request)
+    rate = get_services(request).rate
+    if rate is not None:
+        await rate.hit(owner or f"ip:{request.client.host if request.client else '-'}")
+    return owner
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

@@ -110,6 +110,6 @@ class RequestContext:
             method = scope.get("method", "WS")
             metrics.REQUESTS.labels(method, route, str(status or 101)).inc()
             ms = round((time.perf_counter() - start) * 1000, 1)
-            fields = {"method": method, "route": route, "status": status or 101, "duration_ms": ms}
+            fields = {"request_id": rid, "method": method, "route": route, "status": status or 101, "duration_ms": ms}
             log.info("%s %s %s", method, route, status or 101, extra={"fields": fields})
             request_id.reset(token)

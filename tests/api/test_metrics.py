@@ -1,0 +1,54 @@
+"""GET /metrics, request ids and the JSON access log (which never holds a prompt)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.logs import JsonFormatter
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name}{{{want}}}")
+
+
+def test_metrics_count_requests_chars_and_sessions(client: TestClient) -> None:
+    before = client.get("/metrics").text
+    chars0 = metric(before, "rnnserve_generated_chars_total", model="tiny-gru") if "tiny-gru" in before else 0.0
+    out = client.post("/generate", json={"model": "tiny-gru", "prompt": "A", "max_tokens": 25}).json()
+    client.get(f"/sessions/{out['session_id']}")
+    client.get("/sessions/sess-missing")
+    text = client.get("/metrics").text
+    assert metric(text, "rnnserve_generated_chars_total", model="tiny-gru") - chars0 == 25
+    assert metric(text, "rnnserve_requests_total", method="POST", route="/generate", status="200") >= 1
+    assert metric(text, "rnnserve_requests_total", method="GET", route="/sessions/{session_id}", status="404") >= 1
+    assert metric(text, "rnnserve_session_ops_total", outcome="hit") >= 1
+    assert metric(text, "rnnserve_session_ops_total", outcome="miss") >= 1
+    assert metric(text, "rnnserve_time_to_first_char_seconds_count", model="tiny-gru") >= 1
+    assert metric(text, "rnnserve_batch_size_count", model="tiny-gru") >= 25
+    assert "rnnserve_queue_depth" in text and "rnnserve_active_generations" in text
+
+
+def test_request_id_is_kept_or_made(client: TestClient) -> None:
+    assert client.get("/models", headers={"x-request-id": "trace-42"}).headers["x-request-id"] == "trace-42"
+    made = client.get("/models", headers={"x-request-id": "bad id with spaces"}).headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", made)
+
+
+def test_access_log_is_json_with_request_id_and_no_prompt(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    secret = "MY SECRET PROMPT"
+    with caplog.at_level(logging.DEBUG):
+        client.post("/generate", json={"prompt": secret, "max_tokens": 3}, headers={"x-request-id": "rid-7"})
+    access = [r for r in caplog.records if r.name == "app.access"]
+    assert access
+    line = json.loads(JsonFormatter().format(access[-1]))
+    assert line["request_id"] == "rid-7" and line["route"] == "/generate" and line["status"] == 200
+    assert all(secret not in r.getMessage() and secret not in str(getattr(r, "fields", "")) for r in caplog.records)
