@@ -131,6 +131,21 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(bench.run(models, Path(args.models_dir), out, readme, args.quick))
 
 
+def cmd_loadtest(args: argparse.Namespace) -> None:
+    from app import loadtest
+
+    cfg = loadtest.Config(
+        models_dir=Path(args.models_dir), model=args.model, seconds=args.seconds, clients=args.clients,
+        storm_streams=args.storm_streams, storm_wave=args.storm_wave, contention_clients=args.contention_clients,
+        contention_sessions=args.contention_sessions, max_tokens=args.max_tokens, deadline=args.deadline,
+        scenarios=tuple(s for s in args.scenarios.split(",") if s),
+    )  # fmt: skip
+    report, passed = loadtest.run(cfg, Path(args.out) if args.out else None, Path(args.readme) if args.readme else None)
+    print(report)
+    if not passed:
+        raise SystemExit(1)
+
+
 def cmd_cluster(args: argparse.Namespace) -> None:
     from app import cluster
 
@@ -228,6 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--readme", help="replace the table between the bench markers of this README")
     b.add_argument("--quick", action="store_true", help="fewer characters per measurement")
     b.set_defaults(func=cmd_bench)
+
+    lt = sub.add_parser("loadtest", help="fault and load scenarios against a server and Redis of its own")
+    lt.add_argument("--models-dir", default="models")
+    lt.add_argument("--model", default="shakespeare-lstm")
+    lt.add_argument("--seconds", type=float, default=20.0, help="per scenario (the storm is sized by its streams)")
+    lt.add_argument("--clients", type=int, default=16, help="concurrent clients of the steady and Redis scenarios")
+    lt.add_argument("--storm-streams", type=int, default=300, help="SSE streams dropped after their first token")
+    lt.add_argument("--storm-wave", type=int, default=50, help="storm streams opened at once")
+    lt.add_argument("--contention-clients", type=int, default=32)
+    lt.add_argument("--contention-sessions", type=int, default=4)
+    lt.add_argument("--max-tokens", type=int, default=24, help="characters per generation")
+    lt.add_argument("--deadline", type=float, default=30.0, help="seconds after which a request counts as hung")
+    lt.add_argument("--scenarios", default="steady,storm,redis,contention")
+    lt.add_argument("--out", help="also write the figures as JSON here")
+    lt.add_argument("--readme", help="replace the table between the loadtest markers of this README")
+    lt.set_defaults(func=cmd_loadtest)
 
     c = sub.add_parser("cluster", help="docker-compose.yml's topology as local processes")
     c.add_argument("--host", default="127.0.0.1", help="the load balancer's address")

@@ -8,6 +8,7 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
+from typing import Any
 
 import torch
 import uvicorn
@@ -21,6 +22,7 @@ from app.api.errors import register_exception_handlers
 from app.api.middleware import BodySizeLimit, RequestContext
 from app.api.ratelimit import RateLimiter
 from app.api.routes import generate, health, models, openai, playground, score, sessions, ws
+from app.api.schemas import ErrorResponse
 from app.config import Settings, get_settings
 from app.engine.engine import Engine
 from app.registry import Registry
@@ -76,8 +78,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
     authed = [Depends(require_owner)]
+    auth_errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 429)}
     for module in (generate, score, sessions, models, openai):
-        app.include_router(module.router, dependencies=authed)
+        app.include_router(module.router, dependencies=authed, responses=auth_errors)
     app.include_router(ws.router)  # authenticates at connect
     app.include_router(health.router)
     app.include_router(playground.router)  # the page is open; what it calls needs a key

@@ -59,7 +59,7 @@ def describe_validation_error(err: dict[str, Any]) -> tuple[str, str | None]:
     ctx = err.get("ctx") or {}
     param = ctx.get("param") or (".".join(loc) if loc else None)
     msg = err.get("msg", "invalid value")
-    return (f"{param}: {msg}" if param else msg), param
+    return (f"{param}: {msg}" if param and not msg.startswith(param) else msg), param
 
 
 def register_exception_handlers(app: FastAPI) -> None:
@@ -69,6 +69,12 @@ def register_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        from app.api.deps import authenticate
+
+        try:  # the body is parsed before the auth dependency runs: a caller without a key learns nothing
+            authenticate(request)
+        except AuthenticationError as e:
+            return rnnserve_error_response(e)
         errors = list(exc.errors())
         if errors and errors[0].get("type") == "json_invalid":
             return JSONResponse(error_body("invalid_request_error", "request body is not valid JSON"), 400)

@@ -106,10 +106,12 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            # a response never started means the error middleware outside answers 500 (a socket: 101)
+            status = status or (101 if scope["type"] == "websocket" else 500)
             route = getattr(scope.get("route"), "path", "unmatched")
             method = scope.get("method", "WS")
-            metrics.REQUESTS.labels(method, route, str(status or 101)).inc()
+            metrics.REQUESTS.labels(method, route, str(status)).inc()
             ms = round((time.perf_counter() - start) * 1000, 1)
-            fields = {"request_id": rid, "method": method, "route": route, "status": status or 101, "duration_ms": ms}
-            log.info("%s %s %s", method, route, status or 101, extra={"fields": fields})
+            fields = {"request_id": rid, "method": method, "route": route, "status": status, "duration_ms": ms}
+            log.info("%s %s %s", method, route, status, extra={"fields": fields})
             request_id.reset(token)

@@ -6,7 +6,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
@@ -15,7 +15,7 @@ from pydantic_core import PydanticCustomError
 
 from app.api import serving
 from app.api.deps import OwnerDep, ServicesDep
-from app.api.schemas import MAX_SEED, ErrorResponse, GenerateRequest, GenerateResponse
+from app.api.schemas import MAX_SEED, ErrorResponse, GenerateRequest, GenerateResponse, StopString
 from app.api.serving import DoneEvent, ErrorEvent, TokenEvent
 from app.api.sse import event_stream, sse
 
@@ -35,7 +35,7 @@ class CompletionRequest(BaseModel):
     n: int | None = Field(1, ge=1, le=1, description="Only 1.")
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=8)] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = Field(False, description="Only false.")
@@ -133,7 +133,10 @@ def finish_reason(r: GenerateResponse) -> Literal["length", "stop"]:
 @router.post(
     "/completions",
     response_model=Completion,
-    responses={code: {"model": ErrorResponse} for code in (400, 404, 422, 429)},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks with stream=true"},
+        **{code: {"model": ErrorResponse} for code in (400, 404, 413, 422, 429, 503)},
+    },
 )
 async def completions(req: CompletionRequest, svc: ServicesDep, owner: OwnerDep) -> Completion | StreamingResponse:
     """OpenAI-compatible text completion (temperature 0 is greedy)."""

@@ -21,6 +21,7 @@ from app.errors import RnnserveError
 
 router = APIRouter(tags=["generate"])
 log = logging.getLogger(__name__)
+AUTH_TIMEOUT = 10.0  # seconds a socket without an Authorization header has to send its auth message
 POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
 
@@ -115,13 +116,13 @@ async def authenticate_socket(ws: WebSocket) -> str | None:
     try:
         if not get_services(ws).settings.api_key_list or "authorization" in ws.headers:
             return authenticate(ws)
-        raw = await ws.receive_text()
+        raw = await asyncio.wait_for(ws.receive_text(), timeout=AUTH_TIMEOUT)
         if len(raw.encode()) > get_services(ws).settings.max_ws_message_bytes:
             raise ValueError("auth message too large")
         first = json.loads(raw)
         token = first.get("api_key") if isinstance(first, dict) and first.get("type") == "auth" else None
         return authenticate(ws, str(token or ""))
-    except (RnnserveError, ValueError, KeyError, WebSocketDisconnect) as e:
+    except (RnnserveError, ValueError, KeyError, WebSocketDisconnect, TimeoutError) as e:
         reason = e.message if isinstance(e, RnnserveError) else "first message must be {'type': 'auth', 'api_key': ...}"
         with contextlib.suppress(RuntimeError):
             await ws.close(POLICY_VIOLATION, reason[:120])
