@@ -47,6 +47,10 @@ PROMPTS = (
 )
 STATELESS_OPS = {"generate_greedy", "generate_beam", "stream_sample", "stream_beam", "score", "models"}
 MB = 1024 * 1024
+# a storm stream asks for this many characters; if dropping it did not abort it, the server would
+# generate them all: more than STORM_LEAK of them on average fails the storm
+STORM_TOKENS = 2000
+STORM_LEAK = 0.1
 
 
 @dataclass
@@ -178,6 +182,14 @@ class Reply:
         return self.status == 200 and self.body is not None
 
 
+def json_of(r: httpx.Response) -> Any:
+    """The body as JSON; None when there is none or it is not JSON (the error itself is counted by status)."""
+    try:
+        return r.json() if r.content else None
+    except ValueError:
+        return None
+
+
 class Load:
     """A client over one shared connection pool that books every outcome into the current Tally."""
 
@@ -201,12 +213,14 @@ class Load:
             self.tally.notes.setdefault("hung_ops", Counter())[op] += 1
         except httpx.HTTPError as e:
             self.tally.transport[type(e).__name__] += 1
+        except (ValueError, KeyError) as e:  # not the JSON or the events the API promises
+            self.tally.transport[f"bad response ({type(e).__name__})"] += 1
         return Reply(None)
 
     async def _plain(self, op: str, method: str, path: str, body: dict[str, Any] | None) -> Reply:
         r = await self.client.request(method, self.url + path, json=body)
         self.tally.record(op, r.status_code)
-        data = r.json() if r.content else None
+        data = json_of(r)
         if r.status_code >= 300:
             self.note_error(op, r.status_code, data)
         if r.status_code == 200 and isinstance(data, dict) and "usage" in data:
@@ -219,7 +233,7 @@ class Load:
             self.tally.record(op, r.status_code)
             if r.status_code != 200:
                 await r.aread()
-                data = r.json() if r.content else None
+                data = json_of(r)
                 self.note_error(op, r.status_code, data)
                 return Reply(r.status_code, data)
             event, first = "", True
@@ -343,10 +357,10 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-async def active_generations(load: Load) -> float | None:
+async def metric(load: Load, name: str) -> float | None:
+    """The server's value of a Prometheus series `name{model="<the model>"}`."""
     r = await load.client.get(load.url + "/metrics")
-    pattern = rf'^rnnserve_active_generations\{{model="{re.escape(load.model)}"\}} (\S+)$'
-    m = re.search(pattern, r.text, re.MULTILINE)
+    m = re.search(rf'^{name}\{{model="{re.escape(load.model)}"\}} (\S+)$', r.text, re.MULTILINE)
     return float(m[1]) if m else None
 
 
@@ -416,12 +430,13 @@ async def storm(load: Load, cfg: Config, pid: int) -> None:
             peak = max(peak, rss_bytes(pid))
             await asyncio.sleep(0.1)
 
+    generated_before = await metric(load, "rnnserve_generated_chars_total") or 0.0
     sampler = asyncio.create_task(sample_rss())
     opened = 0
     while opened < cfg.storm_streams:
         wave = min(cfg.storm_wave, cfg.storm_streams - opened)
         bodies = [
-            load.generate(PROMPTS[i % len(PROMPTS)], 1000, "sample", seed=i, save_session=i % 2 == 0)
+            load.generate(PROMPTS[i % len(PROMPTS)], STORM_TOKENS, "sample", seed=i, save_session=i % 2 == 0)
             for i in range(opened, opened + wave)
         ]
         await asyncio.gather(*(load.stream("storm", b, drop_after_first=True) for b in bodies))
@@ -431,11 +446,12 @@ async def storm(load: Load, cfg: Config, pid: int) -> None:
 
     # every dropped stream must free its slot: the gauge goes back to 0
     deadline = time.monotonic() + cfg.deadline
-    active = await active_generations(load)
+    active = await metric(load, "rnnserve_active_generations")
     while active != 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-        active = await active_generations(load)
+        active = await metric(load, "rnnserve_active_generations")
     drained = cfg.deadline - (deadline - time.monotonic())
+    generated = (await metric(load, "rnnserve_generated_chars_total") or 0.0) - generated_before
     await asyncio.sleep(1.0)
     after = rss_bytes(pid)
     allowance = max(50 * MB, before // 5)
@@ -446,6 +462,8 @@ async def storm(load: Load, cfg: Config, pid: int) -> None:
         streams=opened,
         active_after=active,
         drained_s=round(drained, 2),
+        generated_chars=int(generated),
+        generated_chars_allowed=int(opened * STORM_TOKENS * STORM_LEAK),
         rss_before_mb=round(before / MB, 1),
         rss_peak_mb=round(peak / MB, 1),
         rss_after_mb=round(after / MB, 1),
@@ -453,6 +471,8 @@ async def storm(load: Load, cfg: Config, pid: int) -> None:
     )
     if active != 0:
         t.failures.append(f"active generations {active} (not 0) {cfg.deadline:.0f}s after the storm")
+    if generated > opened * STORM_TOKENS * STORM_LEAK:
+        t.failures.append(f"{generated:.0f} characters generated for {opened} dropped streams: not aborted")
     if after > before + allowance:
         t.failures.append(f"memory {after / MB:.0f} MB, over baseline {before / MB:.0f} MB + {allowance / MB:.0f} MB")
     if not after_ok.ok:
@@ -633,7 +653,8 @@ def details(tallies: list[Tally]) -> str:
         if t.name == "storm" and "streams" in n:
             out.append(
                 f"- storm: {n['streams']} streams dropped after the first token; active generations "
-                f"{n['active_after']:g} after {n['drained_s']} s; server RSS {n['rss_before_mb']} MB before, "
+                f"{n['active_after']:g} after {n['drained_s']} s; {n['generated_chars']:,} characters generated in "
+                f"all (a stream not aborted would make {STORM_TOKENS:,}); server RSS {n['rss_before_mb']} MB before, "
                 f"{n['rss_peak_mb']} MB peak, {n['rss_after_mb']} MB after (allowed: +{n['rss_allowance_mb']} MB)"
             )
         elif t.name == "redis" and "killed_at_s" in n:

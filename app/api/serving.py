@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,7 @@ from app.api.schemas import (
     TopLogprob,
     Usage,
 )
+from app.api.tasks import background
 from app.checkpoint import Checkpoint
 from app.config import Settings
 from app.engine.engine import Stream
@@ -245,16 +245,6 @@ async def stream_events(
             # `index` counts what the consumer took: it asks for the next event only after sending one
             stream.abort()
             background(sessions.save_abandoned(job, stream, svc, index))
-
-
-_background: set[asyncio.Task[None]] = set()
-
-
-def background(coro: Coroutine[Any, Any, None]) -> None:
-    """Run a coroutine to its end even though the request that started it is gone."""
-    task = asyncio.get_running_loop().create_task(coro)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
 
 
 async def score(req: ScoreRequest, svc: Services, owner: str) -> ScoreResponse:

@@ -8,14 +8,15 @@ import secrets
 import time
 from typing import TYPE_CHECKING
 
+from app.api.tasks import background
 from app.checkpoint import Checkpoint
 from app.engine.engine import Stream
 from app.engine.generate import prefill
 from app.engine.sequence import GenerationResult
-from app.errors import ConflictError, RnnserveError
+from app.errors import ConflictError, RnnserveError, UnavailableError
 from app.nn import State
 from app.sessions.record import TAIL_CHARS, SessionRecord, decode_state, encode_state, generator_bytes
-from app.sessions.store import gone
+from app.sessions.store import LEASE_SECONDS, gone
 
 if TYPE_CHECKING:
     from app.api.deps import Services
@@ -87,17 +88,38 @@ async def save(job: Job, result: GenerationResult, svc: Services) -> SessionReco
     if prev is None:
         await svc.store.create(record)
     else:
-        await svc.store.commit(record, job.lease)
+        try:
+            await svc.store.commit(record, job.lease)
+        except UnavailableError:
+            background(release_when_back(svc, prev.session_id, job.lease))
+            raise
     return record
 
 
 async def abandon(job: Job, svc: Services) -> None:
-    """Give up the lease of a continued session, leaving it as it was."""
+    """Give up the lease of a continued session, leaving it as it was.
+
+    If the store is down, the release is retried in the background until it answers, so the
+    session is not left locked for the rest of its lease when the store comes back.
+    """
     if job.session is not None:
         try:
             await svc.store.release(job.session.session_id, job.lease)
+        except UnavailableError:
+            background(release_when_back(svc, job.session.session_id, job.lease))
         except RnnserveError as e:
             log.warning("could not release session %s: %s", job.session.session_id, e.message)
+
+
+async def release_when_back(svc: Services, session_id: str, lease: str, every: float = 1.0) -> None:
+    deadline = time.monotonic() + LEASE_SECONDS
+    while time.monotonic() < deadline:
+        await asyncio.sleep(every)
+        try:
+            await svc.store.release(session_id, lease)
+            return
+        except UnavailableError:
+            continue
 
 
 async def save_abandoned(job: Job, stream: Stream, svc: Services, handed_out: int) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 from redis import asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError, RedisError
 
 from app.errors import ConflictError, UnavailableError
 from app.sessions.record import SessionRecord
@@ -73,6 +73,8 @@ class RedisStore(SessionStore):
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
             "health_check_interval": 10,
+            # a pooled connection that died with a Redis restart is retried once on a fresh one
+            "retry_on_error": [ConnectionError],
         }
         self.client: Any = (
             RedisCluster.from_url(url, **options) if cluster else aioredis.from_url(url, max_connections=256, **options)
@@ -86,7 +88,7 @@ class RedisStore(SessionStore):
         try:
             return await fn(*args, **kwargs)
         except RedisError as e:
-            raise UnavailableError(f"session store (Redis) is unavailable: {type(e).__name__}") from e
+            raise UnavailableError(f"session store (Redis) is unavailable: {type(e).__name__}: {e}") from e
 
     async def get(self, session_id: str) -> SessionRecord | None:
         data = await self._call(self.client.hget, PREFIX + session_id, "data")

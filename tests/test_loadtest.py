@@ -1,0 +1,105 @@
+"""`rnnserve loadtest`, briefly, over tiny models: every scenario meets its expectations."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from typing import Any
+
+import pytest
+
+from app.cli import build_parser, main
+from app.loadtest import SCENARIOS, Booked
+from tests.api.conftest import write_tiny_models
+
+README = "# x\n\n## Operations\n\n### Fault and load\n\n<!-- loadtest:start -->\nold\n<!-- loadtest:end -->\n"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One short `rnnserve loadtest` (3 s per scenario, few clients): its exit code, output, JSON and README."""
+    tmp = tmp_path_factory.mktemp("loadtest")
+    write_tiny_models(tmp / "models")
+    (tmp / "README.md").write_text(README)
+    argv = ["loadtest", "--models-dir", str(tmp / "models"), "--model", "tiny-lstm", "--seconds", "3",
+            "--clients", "4", "--storm-streams", "60", "--storm-wave", "20", "--contention-clients", "8",
+            "--contention-sessions", "2", "--deadline", "20", "--out", str(tmp / "out.json"),
+            "--readme", str(tmp / "README.md")]  # fmt: skip
+    out = io.StringIO()
+    code: int | str | None = 0
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.setenv("RNNSERVE_TORCH_THREADS", "1")  # a small machine, shared
+        try:
+            main(argv)
+        except SystemExit as e:
+            code = e.code
+    return {
+        "code": code,
+        "stdout": out.getvalue(),
+        "json": json.loads((tmp / "out.json").read_text()),
+        "readme": (tmp / "README.md").read_text(),
+    }
+
+
+def scenario(run: dict[str, Any], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(s for s in run["json"]["scenarios"] if s["name"] == name)
+    return found
+
+
+def test_report_has_one_row_per_scenario(run: dict[str, Any]) -> None:
+    rows = [line for line in run["stdout"].splitlines() if line.startswith("| ") and not line.startswith("| scenario")]
+    assert [r.split("|")[1].strip() for r in rows] == list(SCENARIOS)
+    assert [s["name"] for s in run["json"]["scenarios"]] == list(SCENARIOS)
+    section = run["readme"].split("<!-- loadtest:start -->")[1].split("<!-- loadtest:end -->")[0]
+    assert "old" not in section and all(f"| {name} |" in section for name in SCENARIOS)
+    # the exit code says whether every expectation held
+    assert (run["code"] in (0, None)) == run["json"]["passed"]
+
+
+def test_steady_load_has_no_errors_and_loses_nothing(run: dict[str, Any]) -> None:
+    s = scenario(run, "steady")
+    assert s["failures"] == [], (s["failures"], s["notes"])
+    assert set(s["statuses"]) == {"200"} and s["hung"] == 0 and s["transport_errors"] == {}
+    assert s["requests"] > 20 and s["chars"] > 0 and s["ttfc_ms"] is not None
+    assert s["sessions_checked"] == 4 and s["lost"] == []
+
+
+def test_disconnect_storm_frees_every_slot_and_the_memory(run: dict[str, Any]) -> None:
+    s = scenario(run, "storm")
+    assert s["failures"] == [], (s["failures"], s["notes"])
+    n = s["notes"]
+    assert n["streams"] == 60 and n["active_after"] == 0
+    assert n["rss_after_mb"] <= n["rss_before_mb"] + n["rss_allowance_mb"]
+
+
+def test_redis_outage_answers_503_then_recovers(run: dict[str, Any]) -> None:
+    s = scenario(run, "redis")
+    assert s["failures"] == [], (s["failures"], s["notes"])
+    assert set(s["statuses"]) <= {"200", "409", "503"} and s["hung"] == 0
+    assert s["statuses"].get("503", 0) > 0, "the outage was not noticed"
+    assert s["notes"]["stateless_503"] == 0 and s["notes"]["recovered_s"] is not None
+    assert s["lost"] == []
+
+
+def test_contended_sessions_add_up_exactly(run: dict[str, Any]) -> None:
+    s = scenario(run, "contention")
+    assert s["failures"] == [], (s["failures"], s["notes"])
+    assert set(s["statuses"]) <= {"200", "409"}
+    assert s["notes"]["accepted"] > 0 and s["notes"]["conflicts"] > 0
+    assert s["sessions_checked"] == 2 and s["lost"] == []
+
+
+def test_booked_session_allows_only_the_unsure_deltas() -> None:
+    b = Booked(100)
+    assert b.allows(100) and not b.allows(99) and not b.allows(101)
+    b.unsure += [(24, 24), (24, 24)]  # two 503s whose commit may have landed
+    assert all(b.allows(c) for c in (100, 124, 148)) and not b.allows(125) and not b.allows(172)
+    b.unsure.append((0, 5))  # a stream that broke after up to 5 characters
+    assert b.allows(129) and b.allows(105) and not b.allows(130)
+
+
+def test_cli_options_reach_the_config() -> None:
+    args = build_parser().parse_args(["loadtest"])
+    assert (args.seconds, args.clients, args.storm_streams, args.model) == (20.0, 16, 300, "shakespeare-lstm")
+    assert args.scenarios.split(",") == list(SCENARIOS)
