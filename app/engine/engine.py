@@ -362,17 +362,6 @@ class Engine:
     def __getitem__(self, ckpt: Checkpoint) -> ModelEngine:
         return self.engines[ckpt.name]
 
-    async def generate(self, ckpt: Checkpoint, req: GenerationRequest, state: State | None = None) -> GenerationResult:
-        """Run a generation to the end (no streaming)."""
-        stream = self[ckpt].submit(req, state)
-        try:
-            while True:
-                item = await stream.next()
-                if isinstance(item, GenerationResult):
-                    return item
-        finally:
-            stream.abort()
-
     async def score(self, ckpt: Checkpoint, ids: list[int], state: State | None = None) -> list[float]:
         """Per-character logprobs of ids[1:], off the event loop."""
         return await self[ckpt].score(ids, state)
