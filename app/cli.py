@@ -1,4 +1,4 @@
-"""The `rnnserve` command: data, train, eval, generate and serve."""
+"""The `rnnserve` command: data, train, eval, report, generate, serve, bench, loadtest and cluster."""
 
 from __future__ import annotations
 
