@@ -52,6 +52,7 @@ def save_checkpoint(directory: Path, model: CharRNN, vocab: Vocab, meta: dict[st
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = directory / (WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})  # one key: the file's bytes are deterministic
+    tmp.chmod(0o644)  # readable by a service running as another user
     os.replace(tmp, directory / WEIGHTS)
     digest = sha256_file(directory / WEIGHTS)
     _write_json(directory / CONFIG, model.config.to_dict())
