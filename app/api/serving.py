@@ -27,7 +27,7 @@ from app.config import Settings
 from app.engine.engine import Stream
 from app.engine.sampling import SamplingParams
 from app.engine.sequence import GenerationRequest, GenerationResult
-from app.errors import InvalidRequestError, RnnserveError
+from app.errors import InvalidRequestError, RnnserveError, UnavailableError
 from app.nn import State
 from app.sessions.record import SessionRecord, generator_tensor
 
@@ -122,7 +122,12 @@ async def prepare(req: GenerateRequest, svc: Services, owner: str) -> Job:
     ckpt = svc.registry.get(record.model)
     prompt_ids = ckpt.vocab.encode(req.prompt, req.unknown_chars, param="prompt")
     lease = secrets.token_hex(16)
-    record = await svc.store.acquire(record.session_id, lease)
+    try:
+        record = await svc.store.acquire(record.session_id, lease)
+    except UnavailableError:
+        # the store may have granted the lease before the reply was lost: give it back once it answers
+        background(sessions.release_when_back(svc, record.session_id, lease))
+        raise
     try:
         sessions.check_model(record, ckpt)
         state = sessions.state_of(record, ckpt)

@@ -15,12 +15,13 @@ from app.sessions.store import LEASE_SECONDS, SessionStore, busy, gone
 PREFIX = "rnnserve:session:"
 
 # KEYS[1] session; ARGV token, lease ms. Returns {1, data} | {0} missing | {-1} leased to another.
+# Idempotent for one token: a retry after a lost reply gets the lease it already holds.
 ACQUIRE = """
 local h = redis.call('HMGET', KEYS[1], 'data', 'lease', 'lease_until')
 if not h[1] then return {0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if h[2] and h[2] ~= '' and tonumber(h[3] or '0') > now then return {-1} end
+if h[2] and h[2] ~= '' and h[2] ~= ARGV[1] and tonumber(h[3] or '0') > now then return {-1} end
 redis.call('HSET', KEYS[1], 'lease', ARGV[1], 'lease_until', now + tonumber(ARGV[2]))
 return {1, h[1]}
 """
