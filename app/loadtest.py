@@ -511,7 +511,9 @@ async def outage(load: Load, cfg: Config, redis: Redis) -> None:
                 sid = made or sid
             elif kind in (0, 3):
                 op, reply = "continue", await load.continue_session(sid, "" if i % 2 else " ", mt)
-                if reply.status == 409 and restarted.is_set():
+                # leases a replica could not give back while Redis was down are given back as soon as
+                # it answers: a 409 after that grace means a session stayed locked
+                if reply.status == 409 and restarted.is_set() and time.monotonic() - (load.redis_restarted or 0) > 2:
                     locked.add(sid)
             elif kind == 1:
                 op = "generate_greedy"

@@ -111,7 +111,7 @@ async def abandon(job: Job, svc: Services) -> None:
             log.warning("could not release session %s: %s", job.session.session_id, e.message)
 
 
-async def release_when_back(svc: Services, session_id: str, lease: str, every: float = 1.0) -> None:
+async def release_when_back(svc: Services, session_id: str, lease: str, every: float = 0.2) -> None:
     deadline = time.monotonic() + LEASE_SECONDS
     while time.monotonic() < deadline:
         await asyncio.sleep(every)
