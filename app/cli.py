@@ -39,6 +39,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     trainer = Trainer(cfg, Vocab(m["vocab"]), data.text("train"), data.text("val"), out_dir, run_dir, corpus_info)
     if args.resume and trainer.load_state():
         print(f"resumed {run_dir} at step {trainer.step} ({trainer.elapsed:.0f}s trained)")
+    elif args.init_from:
+        from app.checkpoint import load_checkpoint
+
+        start = load_checkpoint(Path(args.models_dir) / args.init_from)
+        if start.model.config != trainer.model.config or start.vocab.chars != m["vocab"]:
+            raise SystemExit(f"--init-from {args.init_from}: its config or vocabulary differs from this run's")
+        trainer.model.load_state_dict(start.model.state_dict())
+        print(f"starting from the weights of {args.init_from} (a fresh optimizer)")
     print(f"{name}: {cfg.arch} {cfg.num_layers}x{cfg.hidden_size}, {trainer.model.num_parameters:,} parameters")
     trainer.train(progress=not args.quiet)
     # the reported metrics: one stream over each whole held-out split, with the best weights
@@ -177,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--models-dir", default="models")
     t.add_argument("--run-dir", help="resumable training state (default runs/NAME)")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's state")
+    t.add_argument("--init-from", help="start from this checkpoint's weights (in --models-dir), a fresh optimizer")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     for flag, typ in [
         ("embedding-size", int),

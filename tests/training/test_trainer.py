@@ -284,3 +284,11 @@ def test_cli_train_writes_a_checkpoint_with_metrics(
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["step"] == 30
     assert [p["step"] for p in state["curve"]] == [10, 20, 30]
+
+    # --init-from starts a new run from the shipped weights, with a fresh optimizer
+    init = [*argv, "--name", "tiny-gru-2", "--run-dir", str(tmp_path / "run2"), "--init-from", "tiny-gru"]
+    main([*init, "--max-steps", "1", "--lr", "0"])  # one step that changes nothing, to write the checkpoint
+    assert "starting from the weights of tiny-gru" in capsys.readouterr().out
+    again = load_checkpoint(tmp_path / "models" / "tiny-gru-2")
+    now = load_checkpoint(model_dir)
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), now.model.state_dict().values()))
