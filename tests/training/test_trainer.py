@@ -291,4 +291,5 @@ def test_cli_train_writes_a_checkpoint_with_metrics(
     assert "starting from the weights of tiny-gru" in capsys.readouterr().out
     again = load_checkpoint(tmp_path / "models" / "tiny-gru-2")
     now = load_checkpoint(model_dir)
-    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), now.model.state_dict().values()))
+    pairs = zip(again.model.state_dict().values(), now.model.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
