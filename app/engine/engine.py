@@ -13,7 +13,7 @@ import torch
 
 from app import metrics
 from app.checkpoint import Checkpoint
-from app.engine.generate import run_beam, score
+from app.engine.generate import prefill, run_beam, score
 from app.engine.sampling import draw, filter_logits
 from app.engine.sequence import GenerationRequest, GenerationResult, Sequence
 from app.errors import OverloadedError, UnavailableError
@@ -215,8 +215,8 @@ class ModelEngine:
             if self.naive:  # the baseline reads its prompt one recurrent call per character
                 for i in chunk:
                     _, seq.state = self.model(torch.tensor([[i]]), seq.state)
-            elif chunk:
-                _, seq.state = self.model(torch.tensor(chunk).view(-1, 1), seq.state)
+            else:
+                seq.state = prefill(self.model, chunk, seq.state)
             if not seq.to_prefill:
                 self.prefilling.remove(stream)
                 joined.append(stream)
