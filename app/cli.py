@@ -36,13 +36,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
     m = data.manifest
     corpus_info = {"name": m["name"], "source": m["source"], "works": m["works"], "chars": m["chars"]}
-    trainer = Trainer(cfg, Vocab(m["vocab"]), data.text("train"), data.text("val"), out_dir, run_dir, corpus_info)
-    if args.resume and trainer.load_state():
-        print(f"resumed {run_dir} at step {trainer.step} ({trainer.elapsed:.0f}s trained)")
-    elif args.init_from:
+    start = None
+    if args.init_from:
         from app.checkpoint import load_checkpoint
 
-        start = load_checkpoint(Path(args.models_dir) / args.init_from)
+        start = load_checkpoint(Path(args.init_from))
+    previous = start.meta if start else None
+    trainer = Trainer(
+        cfg, Vocab(m["vocab"]), data.text("train"), data.text("val"), out_dir, run_dir, corpus_info, previous
+    )
+    if args.resume and trainer.load_state():
+        print(f"resumed {run_dir} at step {trainer.step} ({trainer.elapsed:.0f}s trained)")
+    elif start is not None:
         if start.model.config != trainer.model.config or start.vocab.chars != m["vocab"]:
             raise SystemExit(f"--init-from {args.init_from}: its config or vocabulary differs from this run's")
         trainer.model.load_state_dict(start.model.state_dict())
@@ -185,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--models-dir", default="models")
     t.add_argument("--run-dir", help="resumable training state (default runs/NAME)")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's state")
-    t.add_argument("--init-from", help="start from this checkpoint's weights (in --models-dir), a fresh optimizer")
+    t.add_argument("--init-from", help="start from the weights of this checkpoint directory, a fresh optimizer")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     for flag, typ in [
         ("embedding-size", int),

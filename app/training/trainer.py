@@ -57,11 +57,14 @@ class TrainConfig:
         )
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps or at the end of the
+    time budget, whichever comes first (so a time-limited run still ends annealed)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if cfg.time_budget_s:
+        progress = max(progress, min(1.0, elapsed / cfg.time_budget_s))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -104,12 +107,15 @@ class Trainer:
         out_dir: Path,
         run_dir: Path,
         corpus: dict[str, Any] | None = None,
+        previous: dict[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
         self.vocab = vocab
         self.out_dir = out_dir
         self.run_dir = run_dir
         self.corpus = corpus or {}
+        # meta of the checkpoint this run continues (--init-from): its training counts as ours
+        self.previous = previous or {}
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -191,17 +197,23 @@ class Trainer:
         return stream_loss(self.model, self.val_ids, streams=VAL_STREAMS).nats_per_char
 
     def save_best(self, val: float) -> None:
+        before = self.previous.get("training", {})
+        steps0, seen0, seconds0 = (before.get(k, 0) for k in ("steps", "chars_seen", "train_seconds"))
+        training = {
+            **asdict(self.cfg),
+            "steps": steps0 + self.step,
+            "chars_seen": seen0 + self.step * self.cfg.batch_size * self.cfg.seq_len,
+            "train_seconds": round(seconds0 + self.elapsed, 1),
+            "parameters": self.model.num_parameters,
+        }
+        if before:
+            training["continued_from"] = before
+        curve = [{**p, "step": steps0 + p["step"], "seconds": round(seconds0 + p["seconds"], 1)} for p in self.curve]
         meta = {
             "corpus": self.corpus,
-            "training": {
-                **asdict(self.cfg),
-                "steps": self.step,
-                "chars_seen": self.step * self.cfg.batch_size * self.cfg.seq_len,
-                "train_seconds": round(self.elapsed, 1),
-                "parameters": self.model.num_parameters,
-            },
+            "training": training,
             "metrics": {"val_nats_per_char_16_streams": round(val, 4)},
-            "curve": self.curve,
+            "curve": self.previous.get("curve", []) + curve,
         }
         save_checkpoint(self.out_dir, self.model, self.vocab, meta)
 
@@ -223,7 +235,7 @@ class Trainer:
                 self.carry = None  # new epoch: streams restart at the beginning
             x, y = self.batches.window(i)
             for group in self.optim.param_groups:
-                group["lr"] = lr_at(self.step, cfg)
+                group["lr"] = lr_at(self.step, cfg, self.elapsed)
             logits, state = self.model(x, self.carry)
             self.carry = detach(state)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))

@@ -189,6 +189,11 @@ def test_lr_cosine_decays_to_min_ratio() -> None:
     assert lr_at(60, cfg) == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))  # half way: the mean
     assert lr_at(110, cfg) == pytest.approx(1e-3)
     assert lr_at(500, cfg) == pytest.approx(1e-3)  # past the end it stays at the floor
+    # with a time budget the decay ends by the budget's end too, whichever comes first
+    timed = TrainConfig(lr=1e-2, warmup_steps=10, max_steps=110, min_lr_ratio=0.1, time_budget_s=100.0)
+    assert lr_at(60, timed, elapsed=10.0) == pytest.approx(lr_at(60, cfg))
+    assert lr_at(20, timed, elapsed=100.0) == pytest.approx(1e-3)
+    assert lr_at(20, timed, elapsed=50.0) == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))
 
 
 def test_lr_without_warmup() -> None:
@@ -286,10 +291,17 @@ def test_cli_train_writes_a_checkpoint_with_metrics(
     assert [p["step"] for p in state["curve"]] == [10, 20, 30]
 
     # --init-from starts a new run from the shipped weights, with a fresh optimizer
-    init = [*argv, "--name", "tiny-gru-2", "--run-dir", str(tmp_path / "run2"), "--init-from", "tiny-gru"]
-    main([*init, "--max-steps", "1", "--lr", "0"])  # one step that changes nothing, to write the checkpoint
-    assert "starting from the weights of tiny-gru" in capsys.readouterr().out
+    init = [*argv, "--name", "tiny-gru-2", "--run-dir", str(tmp_path / "run2"), "--init-from", str(model_dir)]
+    main([*init, "--max-steps", "1", "--lr", "0", "--eval-every", "1"])  # a step that changes nothing
+    assert f"starting from the weights of {model_dir}" in capsys.readouterr().out
     again = load_checkpoint(tmp_path / "models" / "tiny-gru-2")
     now = load_checkpoint(model_dir)
     pairs = zip(again.model.state_dict().values(), now.model.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
+    # the continued checkpoint reports the whole history: earlier steps, time and curve included
+    before, after = now.meta["training"], again.meta["training"]
+    assert after["steps"] == before["steps"] + 1
+    assert after["chars_seen"] == before["chars_seen"] + 4 * 16
+    assert after["train_seconds"] >= before["train_seconds"]
+    assert after["continued_from"]["steps"] == before["steps"]
+    assert [p["step"] for p in again.meta["curve"]] == [p["step"] for p in now.meta["curve"]] + [before["steps"] + 1]
