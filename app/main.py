@@ -21,7 +21,7 @@ from app.api.deps import KeyLimiter, Services, require_owner
 from app.api.errors import register_exception_handlers
 from app.api.middleware import BodySizeLimit, RequestContext
 from app.api.ratelimit import RateLimiter
-from app.api.routes import generate, health, models, openai, playground, score, sessions, ws
+from app.api.routes import generate, health, inspect, models, openai, playground, score, sessions, ws
 from app.api.schemas import ErrorResponse
 from app.config import Settings, get_settings
 from app.engine.engine import Engine
@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
     authed = [Depends(require_owner)]
     auth_errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 429)}
-    for module in (generate, score, sessions, models, openai):
+    for module in (generate, score, inspect, sessions, models, openai):
         app.include_router(module.router, dependencies=authed, responses=auth_errors)
     app.include_router(ws.router)  # authenticates at connect
     app.include_router(health.router)

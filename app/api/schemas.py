@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic_core import PydanticCustomError
 
+from app.engine.inspect import MAX_UNITS
 from app.engine.sampling import BEAM_ONLY, SAMPLE_ONLY
 
 MAX_SEED = 2**63 - 1
@@ -82,6 +83,53 @@ class ScoreResponse(BaseModel):
     bits_per_char: float
     perplexity: float
     per_char: list[CharScore] | None = None
+
+
+MAX_INSPECT_CHARS = 2000
+Unit = Annotated[int, Field(ge=0)]
+
+
+class InspectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=128, description="Registry name; default: the default model.")
+    text: str = Field(..., min_length=1, max_length=MAX_INSPECT_CHARS, description="Text to read, 1..2000 chars.")
+    layer: int | None = Field(None, ge=0, description="Recurrent layer, 0..num_layers-1; default: the last.")
+    state: Literal["h", "c"] = Field("h", description="h: the layer's output; c: the LSTM cell state (lstm only).")
+    units: list[Unit] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_UNITS,
+        description="Unit indices (0..hidden_size-1, at most 64); default: the units that best track the features.",
+    )
+    top: int = Field(5, ge=1, le=10, description="Next-character predictions per character, 1..10.")
+    unknown_chars: Literal["error", "skip"] = Field("error", description="Characters outside the vocabulary.")
+
+
+class TopChar(BaseModel):
+    char: str
+    prob: float
+
+
+class UnitCorrelation(BaseModel):
+    unit: int
+    r: float
+
+
+class InspectResponse(BaseModel):
+    model: str
+    arch: str
+    layer: int
+    state: Literal["h", "c"]
+    hidden_size: int
+    text: str = Field(description="The text as read (characters outside the vocabulary removed with skip).")
+    units: list[int]
+    activations: list[list[float]] = Field(description="Per character (after reading it), one value per unit.")
+    top: list[list[TopChar]] = Field(description="Per character, the most likely next characters.")
+    features: dict[str, list[UnitCorrelation]] = Field(
+        description="column, in_brackets, in_quotes, speaker, line_end: the units most correlated with each "
+        "(Pearson r, strongest first; empty where the feature does not vary in the text)."
+    )
 
 
 class SessionInfo(BaseModel):

@@ -16,9 +16,13 @@ from app.api.schemas import (
     CharScore,
     GenerateRequest,
     GenerateResponse,
+    InspectRequest,
+    InspectResponse,
     ScoreRequest,
     ScoreResponse,
+    TopChar,
     TopLogprob,
+    UnitCorrelation,
     Usage,
 )
 from app.api.tasks import background
@@ -277,4 +281,39 @@ async def score(req: ScoreRequest, svc: Services, owner: str) -> ScoreResponse:
         bits_per_char=nats / math.log(2),
         perplexity=math.exp(nats),
         per_char=per_char if req.per_char else None,
+    )
+
+
+async def inspect(req: InspectRequest, svc: Services) -> InspectResponse:
+    """Per-character activations of a layer's units and the model's next-character predictions."""
+    ckpt = svc.registry.get(req.model)
+    cfg = ckpt.model.config
+    layer = cfg.num_layers - 1 if req.layer is None else req.layer
+    if layer >= cfg.num_layers:
+        raise InvalidRequestError(f"layer: must be in 0..{cfg.num_layers - 1} for model {ckpt.name}", "layer")
+    if req.state == "c" and cfg.arch != "lstm":
+        raise InvalidRequestError(f"state: 'c' (the cell state) is lstm-only, {ckpt.name} is {cfg.arch}", "state")
+    units = req.units
+    if units is not None:
+        if max(units) >= cfg.hidden_size:
+            raise InvalidRequestError(f"units: each must be in 0..{cfg.hidden_size - 1} for {ckpt.name}", "units")
+        if len(set(units)) != len(units):
+            raise InvalidRequestError("units: each unit at most once", "units")
+    ids = ckpt.vocab.encode(req.text, req.unknown_chars, param="text")
+    if not ids:
+        raise InvalidRequestError("text: must contain at least one character of the model's vocabulary", "text")
+    text = ckpt.vocab.decode(ids)
+    trace = await svc.engine.inspect(ckpt, [ckpt.vocab.bos, *ids], text, layer, req.state, units, req.top)
+    chars = ckpt.vocab.chars
+    return InspectResponse(
+        model=ckpt.name,
+        arch=cfg.arch,
+        layer=layer,
+        state=req.state,
+        hidden_size=cfg.hidden_size,
+        text=text,
+        units=trace.units,
+        activations=trace.activations,
+        top=[[TopChar(char=chars[i], prob=p) for i, p in row] for row in trace.top],
+        features={f: [UnitCorrelation(unit=u, r=r) for u, r in pairs] for f, pairs in trace.features.items()},
     )

@@ -14,6 +14,7 @@ import torch
 from app import metrics
 from app.checkpoint import Checkpoint
 from app.engine.generate import prefill, run_beam, score
+from app.engine.inspect import Trace, inspect
 from app.engine.sampling import draw, filter_logits
 from app.engine.sequence import GenerationRequest, GenerationResult, Sequence
 from app.errors import OverloadedError, UnavailableError
@@ -24,6 +25,10 @@ log = logging.getLogger(__name__)
 # Steps run on a batch padded to a multiple of this many rows: CPU matmul kernels then give a row
 # the same bits whatever else is in the batch, so a seeded request's text never depends on load.
 ROW_MULTIPLE = 8
+# One trip to the worker thread decodes steps until this much time has passed (or something needs
+# the event loop: a request waiting to join, a prompt being read, a row's first character or end).
+# The cost of a trip and of a stream event is then paid once per burst of characters, not per step.
+STEP_BUDGET_S = 0.005
 
 
 class Stream:
@@ -104,6 +109,7 @@ class ModelEngine:
         prefill_chunk: int = 1024,
         naive: bool = False,
         step: str = "torch",
+        step_budget: float = STEP_BUDGET_S,
     ) -> None:
         self.ckpt = ckpt
         self.model = ckpt.model
@@ -112,6 +118,7 @@ class ModelEngine:
             max_batch = 1
         self.fused = None if naive else make_step(ckpt.model, step)
         self.row_multiple = 1 if naive else ROW_MULTIPLE
+        self.step_budget = 0.0 if naive else step_budget  # the baseline: one step per trip
         self.decode = ckpt.vocab.chars
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -123,6 +130,7 @@ class ModelEngine:
         self.beams = 0
         self.steps = 0
         self.draining = False
+        self.stopped = False
         self.streams: set[Stream] = set()  # every admitted stream not yet finished
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{ckpt.name}")
@@ -138,6 +146,7 @@ class ModelEngine:
         self._task = asyncio.create_task(self._loop(), name=f"engine-{self.ckpt.name}")
 
     async def stop(self) -> None:
+        self.stopped = True  # a trip under way ends after its current step
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -166,6 +175,11 @@ class ModelEngine:
     async def score(self, ids: list[int], state: State | None = None) -> list[float]:
         return await asyncio.to_thread(score, self.model, ids, state)
 
+    async def inspect(
+        self, ids: list[int], text: str, layer: int, kind: str, units: list[int] | None, top: int
+    ) -> Trace:
+        return await asyncio.to_thread(inspect, self.model, ids, text, layer, kind, units, top)
+
     # -- the loop ------------------------------------------------------------------------
 
     async def _loop(self) -> None:
@@ -181,7 +195,7 @@ class ModelEngine:
                 self.waiting.remove(stream)
             admitted = gone + [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
             try:
-                touched = await loop.run_in_executor(self._executor, self._step, admitted)
+                touched = await loop.run_in_executor(self._executor, self._steps, admitted)
             except Exception:
                 log.exception("engine step failed for model %s; failing its running requests", self.ckpt.name)
                 touched = self._fail_all()
@@ -196,6 +210,28 @@ class ModelEngine:
                     stream.finish(stream.seq.final)
 
     @torch.inference_mode()
+    def _steps(self, admitted: list[Stream]) -> list[Stream]:
+        """One trip off the event loop: a step, then more while every row just keeps decoding and
+        the step budget lasts. Returns the streams with news (each once, in order)."""
+        deadline = time.perf_counter() + self.step_budget
+        touched = dict.fromkeys(self._step(admitted))
+        while self._only_decoding(touched) and time.perf_counter() < deadline:
+            touched.update(dict.fromkeys(self._step([])))
+        return list(touched)
+
+    def _only_decoding(self, touched: dict[Stream, None]) -> bool:
+        """Whether the next step can run without the event loop's attention in between."""
+        if self.waiting or self.prefilling or not self.running or self.stopped:
+            return False
+        if any(s.seq.final is not None for s in touched):  # a finished row's client gets its result now
+            return False
+        # a row's first character goes out at once (time to first character); a cancelled row
+        # leaves at once
+        return all(
+            s.last_text_at != s.admitted_at and s.seq.finish_reason is None and not s.seq.cancelled
+            for s in self.running
+        )
+
     def _step(self, admitted: list[Stream]) -> list[Stream]:
         """One engine step, off the event loop: feed prompts a chunk further, then decode one character."""
         touched: list[Stream] = []
@@ -365,3 +401,9 @@ class Engine:
     async def score(self, ckpt: Checkpoint, ids: list[int], state: State | None = None) -> list[float]:
         """Per-character logprobs of ids[1:], off the event loop."""
         return await self[ckpt].score(ids, state)
+
+    async def inspect(
+        self, ckpt: Checkpoint, ids: list[int], text: str, layer: int, kind: str, units: list[int] | None, top: int
+    ) -> Trace:
+        """The per-character trace of a text (ids: BOS first), off the event loop."""
+        return await self[ckpt].inspect(ids, text, layer, kind, units, top)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from app.checkpoint import Checkpoint
-from app.engine.engine import ModelEngine, Stream
+from app.engine.engine import STEP_BUDGET_S, ModelEngine, Stream
 from app.engine.generate import run_beam
 from app.engine.sampling import SamplingParams
 from app.engine.sequence import GenerationRequest, GenerationResult
@@ -34,10 +34,15 @@ def run(coro: Awaitable[Any], timeout: float = 60) -> Any:
 
 
 def make_engine(
-    model: CharRNN, vocab: Vocab, max_batch: int = 64, max_queue: int = 64, prefill_chunk: int = 1024
+    model: CharRNN,
+    vocab: Vocab,
+    max_batch: int = 64,
+    max_queue: int = 64,
+    prefill_chunk: int = 1024,
+    step_budget: float = STEP_BUDGET_S,
 ) -> ModelEngine:
     ckpt = Checkpoint("tiny", model, vocab, {}, "0" * 64)
-    return ModelEngine(ckpt, max_batch, max_queue, prefill_chunk)
+    return ModelEngine(ckpt, max_batch, max_queue, prefill_chunk, step_budget=step_budget)
 
 
 @asynccontextmanager
@@ -380,7 +385,7 @@ def test_next_coalesces_everything_made_since_the_last_call(tiny_model: Callable
     model = tiny_model("lstm")
 
     async def main() -> tuple[int, Any, Any, int, Any]:
-        engine = make_engine(model, vocab)
+        engine = make_engine(model, vocab, step_budget=0)  # one step, so one piece, per trip
         async with started(engine):
             stream = engine.submit(request(vocab, "A", 60, SamplingParams(), seed=3))
             await until(lambda: stream.result is not None)  # let every step run, reading nothing
@@ -422,7 +427,8 @@ def test_next_returns_several_characters_while_the_generation_runs(
     pieces, result = run(main())
     assert "".join(pieces) == vocab.decode(result.ids)
     assert len(pieces) >= 2
-    assert all(len(p) >= 5 for p in pieces[:-1])
+    # (the first character may go out alone: it is sent as soon as it is made)
+    assert all(len(p) >= 5 for p in pieces[1:-1]), [len(p) for p in pieces]
 
 
 @pytest.mark.parametrize("stop", [(), ("PCC", "zz")])
@@ -530,3 +536,60 @@ def test_a_failing_beam_search_ends_its_stream(
     item, load = run(main())
     assert load == 0
     assert isinstance(item, GenerationResult) and item.finish_reason == "cancelled"
+
+
+# -- several steps per trip to the worker thread -------------------------------------------------
+
+
+def count_trips(engine: ModelEngine) -> list[int]:
+    """Steps run by each trip to the worker thread."""
+    trips: list[int] = []
+    steps = engine._steps
+
+    def counted(admitted: list[Stream]) -> list[Stream]:
+        before = engine.steps
+        touched = steps(admitted)
+        trips.append(engine.steps - before)
+        return touched
+
+    engine._steps = counted  # type: ignore[method-assign]
+    return trips
+
+
+def test_a_trip_runs_several_steps_and_changes_no_result(tiny_model: Callable[..., CharRNN], vocab: Vocab) -> None:
+    model = tiny_model("lstm")
+    reqs = [request(vocab, "A", 300), request(vocab, "KING:", 250, SamplingParams(top_k=5), seed=9)]
+
+    async def main(budget: float) -> tuple[list[tuple[list[str], GenerationResult]], list[int]]:
+        engine = make_engine(model, vocab, step_budget=budget)
+        trips = count_trips(engine)
+        async with started(engine):
+            streams = [engine.submit(r) for r in reqs]
+            return list(await asyncio.gather(*(collect(s) for s in streams))), trips
+
+    one_by_one, single_trips = run(main(0.0))
+    bursts, trips = run(main(10.0))
+    assert set(single_trips) == {1}
+    assert [r.ids for _, r in bursts] == [r.ids for _, r in one_by_one]
+    assert sum(trips) == sum(single_trips) == 300  # the same steps ...
+    assert len(trips) < 10  # ... in a handful of trips: joining, first characters, a row's end
+    for pieces, result in bursts:
+        assert len(pieces[0]) == 1  # the first character went out as soon as it was made
+        assert "".join(pieces) == vocab.decode(result.ids)
+
+
+def test_a_trip_ends_for_a_new_request_and_for_an_abort(tiny_model: Callable[..., CharRNN], vocab: Vocab) -> None:
+    async def main() -> tuple[GenerationResult, GenerationResult]:
+        engine = make_engine(tiny_model("gru"), vocab, step_budget=3600.0)  # only events end a trip
+        async with started(engine):
+            runner = engine.submit(request(vocab, "A", FOREVER))
+            assert isinstance(await runner.next(), str)
+            await steps_reach(engine, engine.steps + 3)  # a long trip is under way
+            _, short = await asyncio.wait_for(collect(engine.submit(request(vocab, "B", 5))), 10)
+            runner.abort()
+            _, aborted = await asyncio.wait_for(collect(runner), 10)
+            return short, aborted
+
+    short, aborted = run(main())
+    assert short.finish_reason == "length" and len(short.ids) == 5
+    assert aborted.finish_reason == "cancelled"
