@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -95,10 +95,20 @@ def filter_logits(
     """
     t = torch.as_tensor(temperature, dtype=logits.dtype)
     x = logits / (t.reshape(-1, 1) if t.dim() else t)
-    # each filter sees the distribution left by the ones before it
-    x = x.masked_fill(top_k_mask(x, top_k), float("-inf"))
-    x = x.masked_fill(top_p_mask(x, top_p), float("-inf"))
-    return x.masked_fill(min_p_mask(x, min_p), float("-inf"))
+    # each filter sees the distribution left by the ones before it; one that is off for every
+    # row would remove nothing, so it is skipped (the result is the same, bit for bit)
+    if _any(top_k, lambda v: v > 0):
+        x = x.masked_fill(top_k_mask(x, top_k), float("-inf"))
+    if _any(top_p, lambda v: v < 1.0):
+        x = x.masked_fill(top_p_mask(x, top_p), float("-inf"))
+    if _any(min_p, lambda v: v > 0.0):
+        x = x.masked_fill(min_p_mask(x, min_p), float("-inf"))
+    return x
+
+
+def _any(value: Param, on: Callable[[Any], Any]) -> bool:
+    """Whether a filter parameter (one value or a column) is on for at least one row."""
+    return bool(on(value).any()) if isinstance(value, Tensor) else bool(on(value))
 
 
 def filtered_logits(logits: Tensor, params: SamplingParams) -> Tensor:
