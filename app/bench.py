@@ -104,13 +104,20 @@ async def measure(url: str, mode: str, model: str, history: str, cfg: dict[str, 
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         body = {"model": model, "prompt": history[:100], "save_session": False}  # a 100-character prompt
+        await stream_once(client, url, {**body, "max_tokens": 20})  # warm-up: connection, first-call costs
         _, seconds, chars = await stream_once(client, url, {**body, "max_tokens": cfg["single"], "seed": 1})
         res.single_chars_per_s = chars / seconds
         for c in CONCURRENCY:
             t0 = time.perf_counter()
-            runs = await asyncio.gather(
-                *(stream_once(client, url, {**body, "max_tokens": cfg["per_stream"], "seed": i}) for i in range(c))
-            )
+            if c == 1:  # one stream at a time, several times: a percentile needs more than one sample
+                runs = [
+                    await stream_once(client, url, {**body, "max_tokens": cfg["per_stream"], "seed": i})
+                    for i in range(cfg["sequential"])
+                ]
+            else:
+                runs = await asyncio.gather(
+                    *(stream_once(client, url, {**body, "max_tokens": cfg["per_stream"], "seed": i}) for i in range(c))
+                )
             wall = time.perf_counter() - t0
             res.aggregate_chars_per_s[c] = sum(r[2] for r in runs) / wall
             ttfc = [r[0] * 1000 for r in runs]
@@ -183,7 +190,9 @@ def table(results: list[Result]) -> str:
 
 def run(models: list[str], models_dir: Path, out: Path | None, readme: Path | None, quick: bool) -> str:
     cfg = (
-        {"single": 300, "per_stream": 100, "repeats": 3} if quick else {"single": 1000, "per_stream": 200, "repeats": 5}
+        {"single": 300, "per_stream": 100, "repeats": 3, "sequential": 5}
+        if quick
+        else {"single": 1000, "per_stream": 200, "repeats": 5, "sequential": 20}
     )
     test_split = Path("data/shakespeare/test.txt")
     history = test_split.read_text() if test_split.exists() else FALLBACK_TEXT
