@@ -77,7 +77,7 @@ def best_units(acts: Tensor, features: dict[str, Tensor]) -> dict[str, list[tupl
     """For each feature that varies in the text, the units most correlated with it (by |r|)."""
     found: dict[str, list[tuple[int, float]]] = {}
     for name, feature in features.items():
-        if feature.std() == 0:
+        if feature.max() == feature.min():
             found[name] = []
             continue
         r = correlations(acts, feature)

@@ -46,6 +46,7 @@ WEBSOCKETS = {"/ws/generate"}
 BODIES: dict[str, object] = {
     "/generate": {"prompt": "Ab", "max_tokens": 2},
     "/score": {"text": "Ab"},
+    "/inspect": {"text": "Ab"},
     "/v1/completions": {"model": "tiny-lstm", "prompt": "Ab", "max_tokens": 2},
 }
 PATH_VALUES = {"name": "tiny-lstm", "session_id": "sess-does-not-exist"}
@@ -151,7 +152,7 @@ def test_every_route_is_classified() -> None:
     for route in [("POST", "/generate"), ("POST", "/score"), ("GET", "/sessions/{session_id}"),
                   ("DELETE", "/sessions/{session_id}"), ("POST", "/sessions/{session_id}/fork"),
                   ("GET", "/models"), ("GET", "/models/{name}"), ("POST", "/v1/completions"),
-                  ("GET", "/v1/models")]:  # fmt: skip
+                  ("GET", "/v1/models"), ("POST", "/inspect")]:  # fmt: skip
         assert route in PROTECTED
 
 

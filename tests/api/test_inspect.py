@@ -119,3 +119,9 @@ def test_shipped_model_activations_equal_its_forward_pass(shipped_client: TestCl
     # a trained model finds the speaker lines and the line ends: some unit tracks each clearly
     assert abs(body["features"]["line_end"][0]["r"]) > 0.5
     assert abs(body["features"]["speaker"][0]["r"]) > 0.5
+
+
+def test_one_character(client: TestClient) -> None:
+    body = client.post("/inspect", json={"text": "A"}).json()
+    assert body["text"] == "A" and len(body["activations"]) == 1 and len(body["top"]) == 1
+    assert all(pairs == [] for pairs in body["features"].values())  # nothing varies in one character
