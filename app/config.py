@@ -39,6 +39,13 @@ class Settings(BaseSettings):
     step: Literal["onnx", "torch"] = Field(
         "onnx", description="Decoding step: the fused step run by ONNX Runtime ('onnx') or by torch ('torch')."
     )
+    step_budget_ms: float = Field(
+        20.0,
+        ge=0,
+        le=1000,
+        description="Milliseconds of decoding steps per trip to a model's worker thread before the streams get "
+        "their characters (a new request, a first character or a finished row ends a trip sooner); 0: one step.",
+    )
     max_queue: int = Field(256, ge=0, description="Generations waiting for a slot, per model; beyond: 429.")
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest accepted request body; beyond: 413.")
     max_ws_message_bytes: int = Field(

@@ -49,7 +49,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             torch.set_num_threads(settings.torch_threads)
         registry = Registry.load(settings.models_dir, settings.default_model)
         store = make_store(settings)
-        engine = Engine(settings.max_batch, settings.max_queue, naive=settings.engine == "naive", step=settings.step)
+        engine = Engine(
+            settings.max_batch,
+            settings.max_queue,
+            naive=settings.engine == "naive",
+            step=settings.step,
+            step_budget=settings.step_budget_ms / 1000,
+        )
         engine.start(registry.models)
         rate = (
             RateLimiter(settings.rate_limit_per_minute, settings.redis_url) if settings.rate_limit_per_minute else None

@@ -28,7 +28,7 @@ ROW_MULTIPLE = 8
 # One trip to the worker thread decodes steps until this much time has passed (or something needs
 # the event loop: a request waiting to join, a prompt being read, a row's first character or end).
 # The cost of a trip and of a stream event is then paid once per burst of characters, not per step.
-STEP_BUDGET_S = 0.005
+STEP_BUDGET_S = 0.02
 
 
 class Stream:
@@ -370,16 +370,26 @@ def make_step(model: CharRNN, kind: str) -> Callable[[torch.Tensor, State], tupl
 class Engine:
     """The engines of all loaded models."""
 
-    def __init__(self, max_batch: int, max_queue: int, naive: bool = False, step: str = "torch") -> None:
+    def __init__(
+        self,
+        max_batch: int,
+        max_queue: int,
+        naive: bool = False,
+        step: str = "torch",
+        step_budget: float = STEP_BUDGET_S,
+    ) -> None:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.naive = naive
         self.step = step
+        self.step_budget = step_budget
         self.engines: dict[str, ModelEngine] = {}
 
     def start(self, models: dict[str, Checkpoint]) -> None:
         for name, ckpt in models.items():
-            self.engines[name] = ModelEngine(ckpt, self.max_batch, self.max_queue, naive=self.naive, step=self.step)
+            self.engines[name] = ModelEngine(
+                ckpt, self.max_batch, self.max_queue, naive=self.naive, step=self.step, step_budget=self.step_budget
+            )
             self.engines[name].start()
 
     async def stop(self) -> None:

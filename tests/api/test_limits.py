@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
@@ -41,3 +42,11 @@ def test_cors_is_off_by_default_and_configurable(tiny_models_dir: Path) -> None:
         assert c.get("/models", headers=origin).headers["access-control-allow-origin"] == "https://example.org"
         other = c.get("/models", headers={"origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+
+
+@pytest.mark.parametrize(("ms", "engine", "seconds"), [(0, "batched", 0.0), (35, "batched", 0.035), (35, "naive", 0.0)])
+def test_step_budget_setting_reaches_the_engines(tiny_models_dir: Path, ms: float, engine: str, seconds: float) -> None:
+    settings = Settings(models_dir=tiny_models_dir, default_model="tiny-lstm", step_budget_ms=ms, engine=engine)
+    with TestClient(create_app(settings)) as c:
+        engines = c.app.state.services.engine.engines  # type: ignore[attr-defined]
+        assert {e.step_budget for e in engines.values()} == {seconds}  # the naive baseline: one step per trip

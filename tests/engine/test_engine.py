@@ -438,27 +438,30 @@ def test_beam_streams_prefixes_of_the_final_text(
     model = tiny_model("gru")  # its beams wander a while before they settle into a loop
     req = request(vocab, "All:\n", 60, SamplingParams(strategy="beam", beam_width=4), stop=stop)
 
-    async def main() -> tuple[list[str], GenerationResult, int]:
+    async def main() -> tuple[list[str], GenerationResult, int, list[str]]:
         engine = make_engine(model, vocab)
         async with started(engine):
             stream = engine.submit(req)
+            pushed: list[str] = []  # what the search handed out, piece by piece (reads may coalesce them)
+            push = stream.push_text
+            stream.push_text = lambda text: (pushed.append(text), push(text))[1]  # type: ignore[method-assign]
             during = engine.load
             pieces: list[str] = []
             while True:
                 item = await stream.next()
                 if isinstance(item, GenerationResult):
-                    return pieces, item, during
+                    return pieces, item, during, pushed
                 assert isinstance(item, str)
                 pieces.append(item)
                 # what was sent so far is already final: it is a prefix of what the naive run returns
                 assert vocab.decode(direct.ids).startswith("".join(pieces))
 
     direct = run_beam(model, vocab.chars, req, None)
-    pieces, result, during = run(main())
+    pieces, result, during, pushed = run(main())
     assert during == 1
     assert result.ids == direct.ids and result.finish_reason == direct.finish_reason
-    assert "".join(pieces) == vocab.decode(result.ids)
-    assert len(pieces) >= 2, "beam sent everything at the end"
+    assert "".join(pieces) == "".join(pushed) == vocab.decode(result.ids)
+    assert len(pushed) >= 2, "beam sent everything at the end"
     if stop:
         assert result.finish_reason == "stop"
         assert not any(s in "".join(pieces) for s in stop)
