@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("report", help="write the README's model table, loss-curve plot and samples")
-    r.add_argument("--models", default="shakespeare-lstm,shakespeare-gru,shakespeare-rnn")
+    r.add_argument("--models", default="shakespeare-lstm,shakespeare-gru,shakespeare-rnn,python-lstm")
     r.add_argument("--models-dir", default="models")
     r.add_argument("--readme", default="README.md")
     r.add_argument("--plot", default="docs/loss_curves.png")

@@ -30,3 +30,13 @@ def test_report_writes_table_samples_and_plot(tmp_path: Path) -> None:
     assert text.count("```\nROMEO:\n") == 3  # greedy, temperature 0.8 and 1.0
     assert "![training and validation loss](docs/curves.png)" in text
     assert (tmp_path / "docs" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_code_model_gets_a_code_prompt(tmp_path: Path) -> None:
+    vocab = Vocab("\n (),:=GST_abcdefghijklmnopqrstuvwxyz")
+    meta = {"corpus": {"name": "networkx-3.4.2-python"}, "metrics": {}, "training": {}, "curve": []}
+    save_checkpoint(tmp_path / "python-tiny", CharRNN(ModelConfig("lstm", len(vocab), 8, 16, 1)), vocab, meta)
+    ckpt = load_checkpoint(tmp_path / "python-tiny")
+    assert report.sample_prompt(ckpt) == report.CODE_PROMPT
+    text = report.samples([ckpt], n=20)
+    assert text.count(f"```\n{report.CODE_PROMPT}") == 3 and "ROMEO" not in text
