@@ -78,14 +78,17 @@ def evaluate_splits(model_dir: Path, data: Corpus) -> dict[str, float]:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from app.checkpoint import load_checkpoint
-    from app.training.corpus import Corpus
+    from app.training.corpus import SOURCES, Corpus
     from app.training.evaluate import text_loss
 
     ckpt = load_checkpoint(Path(args.models_dir) / args.model)
     if args.text:
         text, source = Path(args.text).read_text(encoding="utf-8"), args.text
     else:
-        text, source = Corpus(Path(args.data)).text(args.split), f"{args.split} split of {args.data}"
+        corpus = ckpt.meta.get("corpus", {}).get("name")
+        keys = [key for key, s in SOURCES.items() if s.name == corpus]
+        data = args.data or f"data/{keys[0] if keys else 'shakespeare'}"
+        text, source = Corpus(Path(data)).text(args.split), f"{args.split} split of {data}"
     skipped = sum(ch not in ckpt.vocab for ch in text)
     loss = text_loss(ckpt.model, ckpt.vocab, text)
     print(f"{ckpt.name} on {source}: {loss.chars:,} chars ({skipped} outside the vocabulary skipped)")
@@ -220,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True)
     e.add_argument("--models-dir", default="models")
     e.add_argument("--text", help="a UTF-8 text file (default: a split of the corpus)")
-    e.add_argument("--data", default=str(DATA_DIR))
+    e.add_argument("--data", help="a corpus directory (default: data/KEY of the model's corpus)")
     e.add_argument("--split", choices=["train", "val", "test"], default="test")
     e.set_defaults(func=cmd_eval)
 

@@ -283,6 +283,10 @@ def test_cli_train_writes_a_checkpoint_with_metrics(
     val = text_loss(ckpt.model, ckpt.vocab, (data / "val.txt").read_text(encoding="utf-8"))
     assert metrics["val_nats_per_char"] == pytest.approx(val.nats_per_char, abs=1e-4)
 
+    # `rnnserve eval` reproduces the recorded test figure
+    main(["eval", "--model", "tiny-gru", "--models-dir", str(tmp_path / "models"), "--data", str(data)])
+    assert f"{metrics['test_nats_per_char']:.4f} nats/char" in capsys.readouterr().out
+
     # --resume continues the run from its saved state
     main([*argv[: argv.index("--max-steps")], "--max-steps", "30", "--eval-every", "10", "--quiet", "--resume"])
     assert "resumed" in capsys.readouterr().out
