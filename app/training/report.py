@@ -94,7 +94,7 @@ def plot(ckpts: list[Checkpoint], path: Path) -> None:
         ax.plot(x, [p["val"] for p in curve], "-", color=colour, label=f"{c.name} validation")
     ax.set_xlabel("training characters (millions)")
     ax.set_ylabel("nats/char")
-    lowest = min((p["val"] for c in ckpts for p in c.meta.get("curve", [])), default=1.3)
+    lowest = min((min(p["train"], p["val"]) for c in ckpts for p in c.meta.get("curve", [])), default=1.3)
     ax.set_ylim(min(1.2, lowest - 0.1), 2.6)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
