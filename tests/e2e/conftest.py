@@ -119,7 +119,7 @@ def running(workdir: Path, **settings: str) -> Iterator[Server]:
         srv.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with running(tmp_path_factory.mktemp("e2e-server")) as srv:
         yield srv
@@ -131,8 +131,10 @@ def require_chromium(path: Path | None = None) -> None:
         unavailable(f"{path} not found: install Debian's browser with `apt-get install chromium`")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Browser]:
+    """Playwright's sync API runs an event loop in this thread while it is started, so it lives
+    only as long as the browser tests: the rest of the suite needs `asyncio.run`."""
     require_chromium()
     from playwright.sync_api import expect, sync_playwright
 
