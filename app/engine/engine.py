@@ -214,16 +214,19 @@ class ModelEngine:
         """One trip off the event loop: a step, then more while every row just keeps decoding and
         the step budget lasts. Returns the streams with news (each once, in order)."""
         deadline = time.perf_counter() + self.step_budget
-        touched = dict.fromkeys(self._step(admitted))
-        while self._only_decoding(touched) and time.perf_counter() < deadline:
-            touched.update(dict.fromkeys(self._step([])))
+        news = self._step(admitted)
+        touched = dict.fromkeys(news)
+        while self._only_decoding(news) and time.perf_counter() < deadline:
+            news = self._step([])
+            touched.update(dict.fromkeys(news))
         return list(touched)
 
-    def _only_decoding(self, touched: dict[Stream, None]) -> bool:
-        """Whether the next step can run without the event loop's attention in between."""
+    def _only_decoding(self, news: list[Stream]) -> bool:
+        """Whether the next step can run without the event loop's attention in between (`news`:
+        the streams the last step touched)."""
         if self.waiting or self.prefilling or not self.running or self.stopped:
             return False
-        if any(s.seq.final is not None for s in touched):  # a finished row's client gets its result now
+        if any(s.seq.final is not None for s in news):  # a finished row's client gets its result now
             return False
         # a row's first character goes out at once (time to first character); a cancelled row
         # leaves at once
