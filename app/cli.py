@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,7 +51,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume and trainer.load_state():
         print(f"resumed {run_dir} at step {trainer.step} ({trainer.elapsed:.0f}s trained)")
     elif start is not None:
-        if start.model.config != trainer.model.config or start.vocab.chars != m["vocab"]:
+        # dropout is a training choice, not part of the weights: a continued run may change it
+        same_shape = replace(start.model.config, dropout=cfg.dropout) == trainer.model.config
+        if not same_shape or start.vocab.chars != m["vocab"]:
             raise SystemExit(f"--init-from {args.init_from}: its config or vocabulary differs from this run's")
         trainer.model.load_state_dict(start.model.state_dict())
         print(f"starting from the weights of {args.init_from} (a fresh optimizer)")

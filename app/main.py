@@ -24,6 +24,7 @@ from app.api.ratelimit import RateLimiter
 from app.api.routes import generate, health, inspect, models, openai, playground, score, sessions, ws
 from app.api.schemas import ErrorResponse
 from app.config import Settings, get_settings
+from app.engine.compute import Compute
 from app.engine.engine import Engine
 from app.registry import Registry
 from app.sessions.store import InMemoryStore, MeteredStore, SessionStore
@@ -47,7 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        registry = Registry.load(settings.models_dir, settings.default_model)
+        compute = Compute()  # every torch call of the process runs on this one thread
+        registry = await compute.run(Registry.load, settings.models_dir, settings.default_model)
         store = make_store(settings)
         engine = Engine(
             settings.max_batch,
@@ -55,8 +57,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             naive=settings.engine == "naive",
             step=settings.step,
             step_budget=settings.step_budget_ms / 1000,
+            compute=compute,
         )
-        engine.start(registry.models)
+        await engine.start(registry.models)
         rate = (
             RateLimiter(settings.rate_limit_per_minute, settings.redis_url) if settings.rate_limit_per_minute else None
         )

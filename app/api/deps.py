@@ -57,6 +57,11 @@ def get_services(conn: HTTPConnection) -> Services:
     return conn.app.state.services
 
 
+async def services(conn: HTTPConnection) -> Services:
+    """get_services as a dependency: async, so FastAPI calls it in place, not in a worker thread."""
+    return get_services(conn)
+
+
 def owner_of(key: str) -> str:
     """A stable, non-secret name for an API key: sessions belong to it."""
     return hashlib.sha256(key.encode()).hexdigest()[:32]
@@ -92,5 +97,5 @@ async def require_owner(request: Request) -> str:
     return owner
 
 
-ServicesDep = Annotated[Services, Depends(get_services)]
+ServicesDep = Annotated[Services, Depends(services)]
 OwnerDep = Annotated[str, Depends(require_owner)]

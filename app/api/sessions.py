@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 from app.api.tasks import background
 from app.checkpoint import Checkpoint
 from app.engine.engine import Stream
-from app.engine.generate import prefill
 from app.engine.sequence import GenerationResult
 from app.errors import ConflictError, RnnserveError, UnavailableError
 from app.nn import State
@@ -137,7 +136,7 @@ async def save_abandoned(job: Job, stream: Stream, svc: Services, handed_out: in
     sent = result.consumed[:handed_out]
     # re-read what was sent from the state after the prompt: [pending, sent[:-1]] -> state, sent[-1] pending
     ids = [job.request.ids[-1], *sent]
-    state = await asyncio.to_thread(prefill, job.ckpt.model, ids[:-1], start)
+    state = await svc.engine.prefill(job.ckpt, ids[:-1], start)
     truncated = GenerationResult(
         ids=sent, finish_reason="cancelled", state=state, pending=ids[-1],
         generator_state=result.generator_state, consumed=sent,

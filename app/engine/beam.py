@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from app.engine.compute import Steps
 from app.nn import CharRNN, State, select_state
 
 
@@ -25,7 +26,7 @@ def first_stop(text: str, stop: tuple[str, ...]) -> int:
 
 
 @torch.inference_mode()
-def beam_search(
+def beam_steps(
     model: CharRNN,
     decode: str,
     state: State,
@@ -36,7 +37,7 @@ def beam_search(
     top_n: int = 0,
     on_text: Callable[[str], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
-) -> tuple[Beam, State]:
+) -> Steps[tuple[Beam, State]]:
     """The highest-scoring candidate and its state (after everything up to, not including, its last character).
 
     Candidates are the `width` live beams, all of the same length, and every beam that reached a
@@ -89,6 +90,7 @@ def beam_search(
                 break
         if on_text is not None:
             emitted = _emit_certain(decode, live, [b for b, _ in finished], window, emitted, on_text)
+        yield
     candidates = finished + [(b, select_state(state, torch.tensor([i]))) for i, b in enumerate(live)]
     return max(candidates, key=lambda bs: bs[0].score)
 

@@ -7,13 +7,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from app import metrics
 from app.checkpoint import Checkpoint
-from app.engine.generate import prefill, run_beam, score
+from app.engine.compute import Compute
+from app.engine.generate import beam_generation, prefill, prefill_steps, score_steps
 from app.engine.inspect import Trace, inspect
 from app.engine.sampling import draw, filter_logits
 from app.engine.sequence import GenerationRequest, GenerationResult, Sequence
@@ -22,8 +22,9 @@ from app.nn import CharRNN, FusedStep, State, select_state, stack_states
 
 log = logging.getLogger(__name__)
 
-# Steps run on a batch padded to a multiple of this many rows: CPU matmul kernels then give a row
-# the same bits whatever else is in the batch, so a seeded request's text never depends on load.
+# Where the step's kernels give a row different bits at different batch sizes (as torch's CPU
+# matmuls can), steps run on a batch padded to a multiple of this many rows: a row then gets the
+# same bits whatever else is in the batch, so a seeded request's text never depends on load.
 ROW_MULTIPLE = 8
 # One trip to the worker thread decodes steps until this much time has passed (or something needs
 # the event loop: a request waiting to join, a prompt being read, a row's first character or end).
@@ -110,14 +111,16 @@ class ModelEngine:
         naive: bool = False,
         step: str = "torch",
         step_budget: float = STEP_BUDGET_S,
+        compute: Compute | None = None,
     ) -> None:
+        """Runs torch work (building the step included): call it on the compute thread it is given."""
         self.ckpt = ckpt
         self.model = ckpt.model
         self.naive = naive
         if naive:
             max_batch = 1
         self.fused = None if naive else make_step(ckpt.model, step)
-        self.row_multiple = 1 if naive else ROW_MULTIPLE
+        self.row_multiple = 1 if self.fused is None else row_multiple(self.fused, ckpt.model)
         self.step_budget = 0.0 if naive else step_budget  # the baseline: one step per trip
         self.decode = ckpt.vocab.chars
         self.max_batch = max_batch
@@ -133,7 +136,9 @@ class ModelEngine:
         self.stopped = False
         self.streams: set[Stream] = set()  # every admitted stream not yet finished
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{ckpt.name}")
+        self._own_compute = compute is None
+        self.compute = compute or Compute()
+        self.sampler = RowSampler([])
         self._task: asyncio.Task[None] | None = None
 
     # -- public --------------------------------------------------------------------------
@@ -150,7 +155,8 @@ class ModelEngine:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        if self._own_compute:
+            self.compute.shutdown()
 
     def submit(self, req: GenerationRequest, state: State | None = None) -> Stream:
         """Queue a generation; raises OverloadedError when the queue is full."""
@@ -173,17 +179,19 @@ class ModelEngine:
         return stream
 
     async def score(self, ids: list[int], state: State | None = None) -> list[float]:
-        return await asyncio.to_thread(score, self.model, ids, state)
+        return await self.compute.run_steps(score_steps(self.model, ids, state), STEP_BUDGET_S)
+
+    async def prefill(self, ids: list[int], state: State | None = None) -> State:
+        return await self.compute.run_steps(prefill_steps(self.model, ids, state), STEP_BUDGET_S)
 
     async def inspect(
         self, ids: list[int], text: str, layer: int, kind: str, units: list[int] | None, top: int
     ) -> Trace:
-        return await asyncio.to_thread(inspect, self.model, ids, text, layer, kind, units, top)
+        return await self.compute.run(inspect, self.model, ids, text, layer, kind, units, top)
 
     # -- the loop ------------------------------------------------------------------------
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not (self.waiting or self.prefilling or self.running):
                 self._wake.clear()
@@ -195,7 +203,7 @@ class ModelEngine:
                 self.waiting.remove(stream)
             admitted = gone + [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
             try:
-                touched = await loop.run_in_executor(self._executor, self._steps, admitted)
+                touched = await self.compute.run(self._steps, admitted)
             except Exception:
                 log.exception("engine step failed for model %s; failing its running requests", self.ckpt.name)
                 touched = self._fail_all()
@@ -300,10 +308,13 @@ class ModelEngine:
         self.state = select_state(state, torch.arange(n)) if pad else state
         metrics.BATCH.labels(self.ckpt.name).observe(n)
         metrics.CHARS.labels(self.ckpt.name).inc(sum(s.seq.finish_reason is None for s in self.running))
-        chosen = choose_rows(logits[:n], [s.seq for s in self.running])
-        for i, stream in enumerate(self.running):
-            if stream.seq.finish_reason is None:
-                stream.seq.advance(logits[i], chosen[i])
+        seqs = [s.seq for s in self.running]
+        if not self.sampler.fits(seqs):  # the batch changed: the sampling columns are rebuilt
+            self.sampler = RowSampler(seqs)
+        chosen = self.sampler.choose(logits[:n])
+        for i, seq in enumerate(seqs):
+            if seq.finish_reason is None:
+                seq.advance(logits[i], chosen[i])
 
     def _fail_all(self) -> list[Stream]:
         failed = self.prefilling + self.running
@@ -321,16 +332,15 @@ class ModelEngine:
             loop.call_soon_threadsafe(stream.push_text, text)
 
         try:
-            result = await asyncio.to_thread(
-                run_beam, self.model, self.decode, seq.req, seq.state, on_text, lambda: seq.cancelled
-            )
+            steps = beam_generation(self.model, self.decode, seq.req, seq.state, on_text, lambda: seq.cancelled)
+            result = await self.compute.run_steps(steps, self.step_budget)
         except Exception:
             log.exception("beam search failed for model %s", self.ckpt.name)
             seq.cancel()
             result = seq.result(None)
         finally:
             self.beams -= 1
-        await asyncio.sleep(0)  # let the callbacks scheduled by the worker run first
+        await asyncio.sleep(0)  # let the callbacks scheduled by the compute thread run first
         streamed = sum(len(t) for t in stream.texts) + stream.sent
         rest = self.decode_ids(result.ids)[streamed:]
         if rest:
@@ -345,29 +355,81 @@ class ModelEngine:
             stream.abort()
 
 
-def choose_rows(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """The next character of every row at once: argmax for greedy rows; for sampling rows, their
-    own filters and one uniform draw from their own generator each (as `sampling.choose`)."""
-    chosen = logits.argmax(dim=-1)
-    rows = [i for i, seq in enumerate(seqs) if seq.params.strategy == "sample" and seq.finish_reason is None]
-    if rows:
-        params = [seqs[i].params for i in rows]
-        column = [[p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params],
-                  [p.min_p for p in params]]  # fmt: skip
-        temperature, top_k, top_p, min_p = (torch.tensor(c, dtype=logits.dtype).unsqueeze(1) for c in column)
-        probs = torch.softmax(filter_logits(logits[rows], temperature, top_k, top_p, min_p), dim=-1)
-        uniforms = torch.cat([torch.rand(1, generator=seqs[i].generator, dtype=torch.float64) for i in rows])
-        chosen[rows] = draw(probs, uniforms)
-    return chosen.tolist()
+class RowSampler:
+    """The next character of every row of a batch at once: argmax for greedy rows; for sampling
+    rows, their own filters and one uniform draw from their own generator each (as
+    `sampling.choose`). Built once per batch composition: per step, only the logits are new."""
+
+    def __init__(self, seqs: list[Sequence]) -> None:
+        self.key = self._key(seqs)
+        self.rows = [i for i, seq in enumerate(seqs) if seq.params.strategy == "sample" and seq.finish_reason is None]
+        self.generators = [seqs[i].generator for i in self.rows]
+        params = [seqs[i].params for i in self.rows]
+        # a filter that is off for every row is passed as its scalar "off" value, so it is skipped
+        self.temperature = self._column([p.temperature for p in params], 1.0)
+        self.top_k = self._column([p.top_k for p in params], 0)
+        self.top_p = self._column([p.top_p for p in params], 1.0)
+        self.min_p = self._column([p.min_p for p in params], 0.0)
+
+    @staticmethod
+    def _key(seqs: list[Sequence]) -> tuple[int, ...]:
+        return tuple(seq.id if seq.finish_reason is None else -1 for seq in seqs)
+
+    @staticmethod
+    def _column(values: list[float], off: float) -> torch.Tensor | float:
+        if all(v == off for v in values):
+            return off
+        return torch.tensor(values, dtype=torch.float32).unsqueeze(1)  # (R, 1)
+
+    def fits(self, seqs: list[Sequence]) -> bool:
+        return self._key(seqs) == self.key
+
+    def choose(self, logits: torch.Tensor) -> list[int]:
+        chosen = logits.argmax(dim=-1)
+        if self.rows:
+            filtered = filter_logits(logits[self.rows], self.temperature, self.top_k, self.top_p, self.min_p)
+            uniforms = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+            chosen[self.rows] = draw(torch.softmax(filtered, dim=-1), uniforms)
+        return chosen.tolist()
 
 
-def make_step(model: CharRNN, kind: str) -> Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]:
+Step = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
+
+
+def make_step(model: CharRNN, kind: str) -> Step:
     """The decoding step: ONNX Runtime's run of the fused step ("onnx"), or the fused step in torch."""
     if kind == "onnx":
         from app.nn.onnx_step import OnnxStep
 
         return OnnxStep(model, threads=torch.get_num_threads())
     return FusedStep(model)
+
+
+@torch.inference_mode()
+def row_multiple(step: Step, model: CharRNN, rows: int = 16) -> int:
+    """1 when `step` gives each row the same bits at every batch size from 1 to `rows` (ONNX
+    Runtime's kernels do on the CPUs measured), else ROW_MULTIPLE: batches are then padded."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (rows,), generator=g)
+    zero = model.zero_state(rows)
+    parts = zero if isinstance(zero, tuple) else (zero,)
+    state = tuple(torch.randn(p.shape, generator=g).tanh() for p in parts)
+    full: State = state if len(state) == 2 else state[0]
+    logits, after = step(ids, full)
+    for n in range(1, rows):
+        first = torch.arange(n)
+        part_logits, part_after = step(ids[:n], select_state(full, first))
+        same_state = all(
+            torch.equal(a, b)
+            for a, b in zip(split_parts(part_after), split_parts(select_state(after, first)), strict=True)
+        )
+        if not (torch.equal(part_logits, logits[:n]) and same_state):
+            return ROW_MULTIPLE
+    return 1
+
+
+def split_parts(state: State) -> tuple[torch.Tensor, ...]:
+    return state if isinstance(state, tuple) else (state,)
 
 
 class Engine:
@@ -380,23 +442,30 @@ class Engine:
         naive: bool = False,
         step: str = "torch",
         step_budget: float = STEP_BUDGET_S,
+        compute: Compute | None = None,
     ) -> None:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.naive = naive
         self.step = step
         self.step_budget = step_budget
+        self.compute = compute or Compute()  # shared by the models' engines
         self.engines: dict[str, ModelEngine] = {}
 
-    def start(self, models: dict[str, Checkpoint]) -> None:
+    async def start(self, models: dict[str, Checkpoint]) -> None:
         for name, ckpt in models.items():
-            self.engines[name] = ModelEngine(
-                ckpt, self.max_batch, self.max_queue, naive=self.naive, step=self.step, step_budget=self.step_budget
-            )
+            self.engines[name] = await self.compute.run(self._engine, ckpt)
             self.engines[name].start()
+
+    def _engine(self, ckpt: Checkpoint) -> ModelEngine:
+        return ModelEngine(
+            ckpt, self.max_batch, self.max_queue, naive=self.naive, step=self.step, step_budget=self.step_budget,
+            compute=self.compute,
+        )  # fmt: skip
 
     async def stop(self) -> None:
         await asyncio.gather(*(e.stop() for e in self.engines.values()))
+        self.compute.shutdown()
 
     def drain(self, grace: float) -> None:
         """Stop admitting; `grace` seconds later, cancel what still runs (its clients get `done`)."""
@@ -414,6 +483,10 @@ class Engine:
     async def score(self, ckpt: Checkpoint, ids: list[int], state: State | None = None) -> list[float]:
         """Per-character logprobs of ids[1:], off the event loop."""
         return await self[ckpt].score(ids, state)
+
+    async def prefill(self, ckpt: Checkpoint, ids: list[int], state: State | None = None) -> State:
+        """The state after reading `ids` from `state`, off the event loop."""
+        return await self[ckpt].prefill(ids, state)
 
     async def inspect(
         self, ckpt: Checkpoint, ids: list[int], text: str, layer: int, kind: str, units: list[int] | None, top: int

@@ -1,4 +1,4 @@
-"""The naive generation loop (one request, one recurrent call per character), prefill and scoring."""
+"""The naive generation loop (one request, one recurrent call per character), prefill, beam runs and scoring."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ from collections.abc import Callable
 
 import torch
 
-from app.engine.beam import beam_search
+from app.engine.beam import beam_steps
+from app.engine.compute import Steps, run_to_end
 from app.engine.sequence import FinishReason, GenerationRequest, GenerationResult, Sequence, TokenLogprob
 from app.nn import CharRNN, State
+
+# Characters of a prompt or a scored text per whole-sequence call, where the work is done in slices
+# that share the compute thread (about 25 ms each on 2 cores for a 2x512 LSTM).
+CHUNK = 256
 
 
 @torch.inference_mode()
@@ -22,11 +27,20 @@ def prefill(model: CharRNN, ids: list[int], state: State | None) -> State:
     return state
 
 
+def prefill_steps(model: CharRNN, ids: list[int], state: State | None) -> Steps[State]:
+    """prefill, one chunk of `ids` per step."""
+    state = prefill(model, [], state)
+    for start in range(0, len(ids), CHUNK):
+        state = prefill(model, ids[start : start + CHUNK], state)
+        yield
+    return state
+
+
 @torch.inference_mode()
 def generate(model: CharRNN, decode: str, req: GenerationRequest, state: State | None) -> GenerationResult:
     """Generate after `req.ids`, continuing from `state`: the baseline the batched engine is measured against."""
     if req.params.strategy == "beam":
-        return run_beam(model, decode, req, state)
+        return run_to_end(beam_generation(model, decode, req, state))
     seq = Sequence(req, decode, state)
     state = prefill(model, seq.to_prefill, seq.state)
     while seq.finish_reason is None:
@@ -35,18 +49,18 @@ def generate(model: CharRNN, decode: str, req: GenerationRequest, state: State |
     return seq.result(state)
 
 
-def run_beam(
+def beam_generation(
     model: CharRNN,
     decode: str,
     req: GenerationRequest,
     state: State | None,
     on_text: Callable[[str], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
-) -> GenerationResult:
-    """Beam search for one request; `on_text(str)` receives text as it becomes certain."""
-    state = prefill(model, req.ids[:-1], state)
+) -> Steps[GenerationResult]:
+    """Beam search for one request, a step at a time; `on_text(str)` receives text as it becomes certain."""
+    state = yield from prefill_steps(model, req.ids[:-1], state)
     width = req.params.beam_width
-    beam, state = beam_search(
+    beam, state = yield from beam_steps(
         model, decode, state, req.ids[-1], req.max_tokens, width, req.stop, req.logprobs, on_text, cancelled
     )
     logprobs = [TokenLogprob(i, lp, top) for i, lp, top in zip(beam.ids, beam.logprobs, beam.top, strict=False)]
@@ -66,11 +80,21 @@ def run_beam(
 
 
 @torch.inference_mode()
-def score(model: CharRNN, ids: list[int], state: State | None) -> list[float]:
-    """Logprob of each of ids[1:] given everything before it, starting from `state`."""
+def score_steps(model: CharRNN, ids: list[int], state: State | None) -> Steps[list[float]]:
+    """Logprob of each of ids[1:] given everything before it, starting from `state`; a chunk per step."""
     if state is None:
         state = model.zero_state(1)
     x = torch.tensor(ids, dtype=torch.long).view(-1, 1)
-    logits, _ = model(x[:-1], state)  # (T-1, 1, V)
-    lp = torch.log_softmax(logits[:, 0].float(), dim=-1)
-    return lp.gather(1, x[1:]).squeeze(1).tolist()
+    out: list[float] = []
+    for start in range(0, len(ids) - 1, CHUNK):
+        inputs, targets = x[start : start + CHUNK], x[start + 1 : start + CHUNK + 1]
+        logits, state = model(inputs[: len(targets)], state)  # (T, 1, V)
+        lp = torch.log_softmax(logits[:, 0].float(), dim=-1)
+        out += lp.gather(1, targets).squeeze(1).tolist()
+        yield
+    return out
+
+
+def score(model: CharRNN, ids: list[int], state: State | None) -> list[float]:
+    """score_steps run to its end."""
+    return run_to_end(score_steps(model, ids, state))

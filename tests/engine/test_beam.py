@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from app.checkpoint import Checkpoint, load_checkpoint
-from app.engine.beam import Beam, beam_search, first_stop
+from app.engine.beam import Beam, beam_steps, first_stop
+from app.engine.compute import run_to_end
 from app.engine.generate import GenerationRequest, generate, prefill, score
 from app.engine.sampling import SamplingParams
 from app.errors import CheckpointError
@@ -41,7 +42,7 @@ def run_beam(
     model: CharRNN, vocab: Vocab, prompt: str, n: int, width: int, stop: tuple[str, ...] = (), top_n: int = 0
 ) -> tuple[Beam, State]:
     ids = [vocab.bos, *vocab.encode(prompt)]
-    return beam_search(model, vocab.chars, prefill(model, ids[:-1], None), ids[-1], n, width, stop, top_n)
+    return run_to_end(beam_steps(model, vocab.chars, prefill(model, ids[:-1], None), ids[-1], n, width, stop, top_n))
 
 
 def greedy_ids(model: CharRNN, vocab: Vocab, prompt: str, n: int) -> list[int]:
@@ -195,7 +196,9 @@ def test_streamed_text_is_a_prefix_of_the_result(
     model = tiny_model(arch)
     ids = [vocab.bos, *vocab.encode("All:\n")]
     pieces: list[str] = []
-    beam, _ = beam_search(model, vocab.chars, prefill(model, ids[:-1], None), ids[-1], 40, 4, stops, 0, pieces.append)
+    beam, _ = run_to_end(
+        beam_steps(model, vocab.chars, prefill(model, ids[:-1], None), ids[-1], 40, 4, stops, 0, pieces.append)
+    )
     text = vocab.decode(beam.ids[: beam.stopped_at] if beam.stopped_at >= 0 else beam.ids)
     assert pieces, "nothing was streamed"
     assert all(pieces)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -12,8 +13,9 @@ import pytest
 import torch
 
 from app.checkpoint import Checkpoint
-from app.engine.engine import STEP_BUDGET_S, ModelEngine, Stream
-from app.engine.generate import run_beam
+from app.engine.compute import run_to_end
+from app.engine.engine import ROW_MULTIPLE, STEP_BUDGET_S, ModelEngine, RowSampler, Stream, row_multiple
+from app.engine.generate import beam_generation
 from app.engine.sampling import SamplingParams
 from app.engine.sequence import GenerationRequest, GenerationResult
 from app.errors import OverloadedError
@@ -456,7 +458,7 @@ def test_beam_streams_prefixes_of_the_final_text(
                 # what was sent so far is already final: it is a prefix of what the naive run returns
                 assert vocab.decode(direct.ids).startswith("".join(pieces))
 
-    direct = run_beam(model, vocab.chars, req, None)
+    direct = run_to_end(beam_generation(model, vocab.chars, req, None))
     pieces, result, during, pushed = run(main())
     assert during == 1
     assert result.ids == direct.ids and result.finish_reason == direct.finish_reason
@@ -528,7 +530,7 @@ def test_a_failing_beam_search_ends_its_stream(
     def broken(*args: Any, **kw: Any) -> GenerationResult:
         raise RuntimeError("simulated beam failure")
 
-    monkeypatch.setattr("app.engine.engine.run_beam", broken)
+    monkeypatch.setattr("app.engine.engine.beam_generation", broken)
 
     async def main() -> tuple[str | GenerationResult | None, int]:
         async with started(make_engine(tiny_model("gru"), vocab)) as engine:
@@ -596,3 +598,75 @@ def test_a_trip_ends_for_a_new_request_and_for_an_abort(tiny_model: Callable[...
     short, aborted = run(main())
     assert short.finish_reason == "length" and len(short.ids) == 5
     assert aborted.finish_reason == "cancelled"
+
+
+# -- the compute thread and the batch's kernels -----------------------------------------------------
+
+
+def test_every_model_call_runs_on_the_one_compute_thread(tiny_model: Callable[..., CharRNN], vocab: Vocab) -> None:
+    model = tiny_model("lstm")
+    threads: set[str] = set()
+    forward = model.forward
+
+    def recorded(*args: Any, **kw: Any) -> Any:
+        threads.add(threading.current_thread().name)
+        return forward(*args, **kw)
+
+    model.forward = recorded  # type: ignore[method-assign]
+
+    async def main() -> None:
+        async with started(make_engine(model, vocab)) as engine:
+            await collect(engine.submit(request(vocab, "KING:", 20)))
+            await collect(engine.submit(request(vocab, "KING:", 20, SamplingParams(strategy="beam", beam_width=3))))
+            await engine.score([vocab.bos, *vocab.encode("To be, or not to be")])
+            await engine.prefill(vocab.encode("Let me not to the marriage of true minds" * 20))
+
+    run(main())
+    assert len(threads) == 1 and next(iter(threads)).startswith("compute")
+
+
+class RowwiseStep:
+    """A step of elementwise operations only (each row on its own); `drift` > 0 makes it depend on the batch size."""
+
+    def __init__(self, model: CharRNN, drift: float = 0.0) -> None:
+        self.model = model
+        self.drift = drift
+
+    def __call__(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        h = state[0] if isinstance(state, tuple) else state
+        logits = h[-1][:, :1] * self.model.head.weight[:, 0] + self.model.embed.weight[ids, :1] + self.drift * len(ids)
+        return logits, state
+
+
+def test_batches_are_padded_only_where_the_kernels_need_it(tiny_model: Callable[..., CharRNN]) -> None:
+    model = tiny_model("lstm")
+    assert row_multiple(RowwiseStep(model), model) == 1
+    assert row_multiple(RowwiseStep(model, drift=1e-3), model) == ROW_MULTIPLE
+
+
+def test_the_sampling_columns_are_rebuilt_only_when_the_batch_changes(
+    tiny_model: Callable[..., CharRNN], vocab: Vocab
+) -> None:
+    model = tiny_model("gru")
+    engine = make_engine(model, vocab)
+    built: list[int] = []
+    original = RowSampler.__init__
+
+    def counted(self: RowSampler, seqs: list[Any]) -> None:
+        built.append(len(seqs))
+        original(self, seqs)
+
+    reqs = [request(vocab, "A", 30, SamplingParams(temperature=0.7), seed=1), request(vocab, "B", 60, GREEDY)]
+
+    async def main() -> list[GenerationResult]:
+        async with started(engine):
+            RowSampler.__init__ = counted  # type: ignore[method-assign]
+            try:
+                return [r for _, r in await asyncio.gather(*(collect(engine.submit(r)) for r in reqs))]
+            finally:
+                RowSampler.__init__ = original  # type: ignore[method-assign]
+
+    results = run(main())
+    assert [len(r.ids) for r in results] == [30, 60]
+    # both rows join (one or two batches), then the first leaves: a handful of builds for 60 steps
+    assert 2 <= len(built) <= 3 and built[-1] == 1

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from app.engine.generate import GenerationRequest, GenerationResult, generate, prefill, score
+from app.engine.generate import CHUNK, GenerationRequest, GenerationResult, generate, prefill, prefill_steps, score
 from app.engine.sampling import SamplingParams
 from app.nn import CharRNN, State
 from app.vocab import Vocab
@@ -43,6 +43,12 @@ def assert_states_equal(a: State | None, b: State | None) -> None:
     else:
         assert isinstance(b, torch.Tensor)
         assert torch.equal(a, b)
+
+
+def assert_states_close(a: State | None, b: State | None) -> None:
+    assert a is not None and b is not None
+    for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -141,12 +147,7 @@ def test_feeding_a_then_b_equals_feeding_ab(arch: str, tiny_model: Callable[...,
     model = tiny_model(arch)
     a, b = vocab.encode("You are all resolved"), vocab.encode(" rather to die")
     split = prefill(model, b, prefill(model, a, None))
-    whole = prefill(model, a + b, None)
-    if isinstance(whole, tuple):
-        for x, y in zip(split, whole, strict=True):
-            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
-    else:
-        torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+    assert_states_close(split, prefill(model, a + b, None))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -154,13 +155,7 @@ def test_the_returned_state_excludes_pending(arch: str, tiny_model: Callable[...
     model = tiny_model(arch)
     ids = ids_of(vocab, "Resolved")
     out = gen(model, vocab, ids, 12)
-    expected = prefill(model, [*ids, *out.ids[:-1]], None)
-    assert out.state is not None
-    if isinstance(expected, tuple):
-        for x, y in zip(out.state, expected, strict=True):
-            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
-    else:
-        torch.testing.assert_close(out.state, expected, rtol=1e-5, atol=1e-6)
+    assert_states_close(out.state, prefill(model, [*ids, *out.ids[:-1]], None))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -168,10 +163,29 @@ def test_score_matches_log_softmax_of_a_manual_forward(
     arch: str, tiny_model: Callable[..., CharRNN], vocab: Vocab, tiny_text: str
 ) -> None:
     model = tiny_model(arch)
-    ids = ids_of(vocab, tiny_text[:80])
+    ids = ids_of(vocab, (tiny_text * 8)[: CHUNK * 2 + 80])  # several chunks, the last one short
     lps = score(model, ids, None)
     assert len(lps) == len(ids) - 1
     with torch.no_grad():
         logits, _ = model(torch.tensor(ids[:-1]).view(-1, 1))
     manual = torch.log_softmax(logits[:, 0], -1).gather(1, torch.tensor(ids[1:]).view(-1, 1))[:, 0]
     assert lps == pytest.approx(manual.tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefill_in_steps_equals_one_call(
+    arch: str, tiny_model: Callable[..., CharRNN], vocab: Vocab, tiny_text: str
+) -> None:
+    model = tiny_model(arch)
+    ids = vocab.encode((tiny_text * 8)[: CHUNK * 3 + 7])
+    steps = prefill_steps(model, ids, None)
+    slices = 0
+    while True:
+        try:
+            next(steps)
+            slices += 1
+        except StopIteration as end:
+            chunked = end.value
+            break
+    assert slices == 4
+    assert_states_close(chunked, prefill(model, ids, None))
