@@ -13,7 +13,7 @@ import torch
 from app import metrics
 from app.checkpoint import Checkpoint
 from app.engine.compute import Compute
-from app.engine.generate import beam_generation, prefill, prefill_steps, score_steps
+from app.engine.generate import CHUNK, beam_generation, prefill, prefill_steps, score_steps
 from app.engine.inspect import Trace, inspect
 from app.engine.sampling import draw, filter_logits
 from app.engine.sequence import GenerationRequest, GenerationResult, Sequence
@@ -26,10 +26,14 @@ log = logging.getLogger(__name__)
 # matmuls can), steps run on a batch padded to a multiple of this many rows: a row then gets the
 # same bits whatever else is in the batch, so a seeded request's text never depends on load.
 ROW_MULTIPLE = 8
-# One trip to the worker thread decodes steps until this much time has passed (or something needs
+# One trip to the compute thread decodes steps until this much time has passed (or something needs
 # the event loop: a request waiting to join, a prompt being read, a row's first character or end).
 # The cost of a trip and of a stream event is then paid once per burst of characters, not per step.
 STEP_BUDGET_S = 0.02
+# Each stream a trip touches costs an event (an SSE frame or a WebSocket message, sent here and
+# parsed by the client): a trip lasts at least this long per running row, so a full batch sends
+# about 2,000 events a second, however many rows it has.
+TRIP_S_PER_ROW = 0.0005
 
 
 class Stream:
@@ -107,7 +111,7 @@ class ModelEngine:
         ckpt: Checkpoint,
         max_batch: int,
         max_queue: int,
-        prefill_chunk: int = 1024,
+        prefill_chunk: int = CHUNK,
         naive: bool = False,
         step: str = "torch",
         step_budget: float = STEP_BUDGET_S,
@@ -221,7 +225,7 @@ class ModelEngine:
     def _steps(self, admitted: list[Stream]) -> list[Stream]:
         """One trip off the event loop: a step, then more while every row just keeps decoding and
         the step budget lasts. Returns the streams with news (each once, in order)."""
-        deadline = time.perf_counter() + self.step_budget
+        deadline = time.perf_counter() + trip_budget(self.step_budget, len(self.running))
         news = self._step(admitted)
         touched = dict.fromkeys(news)
         while self._only_decoding(news) and time.perf_counter() < deadline:
@@ -353,6 +357,11 @@ class ModelEngine:
     def abort_all(self) -> None:
         for stream in list(self.streams):
             stream.abort()
+
+
+def trip_budget(step_budget: float, rows: int) -> float:
+    """Seconds of steps in one trip: the step budget, longer for a large batch; 0 (one step) stays 0."""
+    return max(step_budget, TRIP_S_PER_ROW * rows) if step_budget else 0.0
 
 
 class RowSampler:

@@ -14,7 +14,16 @@ import torch
 
 from app.checkpoint import Checkpoint
 from app.engine.compute import run_to_end
-from app.engine.engine import ROW_MULTIPLE, STEP_BUDGET_S, ModelEngine, RowSampler, Stream, row_multiple
+from app.engine.engine import (
+    ROW_MULTIPLE,
+    STEP_BUDGET_S,
+    TRIP_S_PER_ROW,
+    ModelEngine,
+    RowSampler,
+    Stream,
+    row_multiple,
+    trip_budget,
+)
 from app.engine.generate import beam_generation
 from app.engine.sampling import SamplingParams
 from app.engine.sequence import GenerationRequest, GenerationResult
@@ -581,6 +590,12 @@ def test_a_trip_runs_several_steps_and_changes_no_result(tiny_model: Callable[..
     for pieces, result in bursts:
         assert len(pieces[0]) == 1  # the first character went out as soon as it was made
         assert "".join(pieces) == vocab.decode(result.ids)
+
+
+def test_a_trip_is_longer_for_a_large_batch_so_events_per_second_stay_bounded() -> None:
+    assert trip_budget(0.02, 1) == trip_budget(0.02, 40) == 0.02
+    assert trip_budget(0.02, 128) == pytest.approx(128 * TRIP_S_PER_ROW) > 0.02
+    assert trip_budget(0.0, 128) == 0.0  # one step per trip stays one step
 
 
 def test_a_trip_ends_for_a_new_request_and_for_an_abort(tiny_model: Callable[..., CharRNN], vocab: Vocab) -> None:
