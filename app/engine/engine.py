@@ -79,7 +79,8 @@ class Stream:
         """
         if not self.texts and self.result is None:
             try:
-                await asyncio.wait_for(self._ready.wait(), timeout)
+                async with asyncio.timeout(timeout):  # unlike wait_for, no task per call
+                    await self._ready.wait()
             except TimeoutError:
                 return None
         self._ready.clear()
