@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import torch
 
+from app.metrics import PHASES
 from app.readme import write_section
 
 CONCURRENCY = (1, 8, 32, 128)
@@ -37,6 +38,8 @@ class Result:
     aggregate_chars_per_s: dict[int, float] = field(default_factory=dict)
     ttfc_ms: dict[int, tuple[float, float]] = field(default_factory=dict)  # concurrency -> (p50, p99)
     continuation_ms: dict[int, float] = field(default_factory=dict)  # history chars -> median latency
+    # concurrency -> the share of the run's wall time the compute thread spent in each engine phase
+    phases: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 def free_port() -> int:
@@ -99,7 +102,7 @@ async def stream_once(client: httpx.AsyncClient, url: str, body: dict[str, Any])
     return first or 0.0, time.perf_counter() - start, chars
 
 
-async def measure(url: str, mode: str, model: str, history: str, cfg: dict[str, int]) -> Result:
+async def measure(url: str, mode: str, model: str, history: str, cfg: dict[str, Any]) -> Result:
     res = Result(mode, model)
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -107,7 +110,8 @@ async def measure(url: str, mode: str, model: str, history: str, cfg: dict[str, 
         await stream_once(client, url, {**body, "max_tokens": 20})  # warm-up: connection, first-call costs
         _, seconds, chars = await stream_once(client, url, {**body, "max_tokens": cfg["single"], "seed": 1})
         res.single_chars_per_s = chars / seconds
-        for c in CONCURRENCY:
+        for c in cfg["concurrency"]:
+            spent = await engine_seconds(client, url, model)
             t0 = time.perf_counter()
             if c == 1:  # one stream at a time, several times: a percentile needs more than one sample
                 runs = [
@@ -119,10 +123,12 @@ async def measure(url: str, mode: str, model: str, history: str, cfg: dict[str, 
                     *(stream_once(client, url, {**body, "max_tokens": cfg["per_stream"], "seed": i}) for i in range(c))
                 )
             wall = time.perf_counter() - t0
+            after = await engine_seconds(client, url, model)
+            res.phases[c] = {phase: (after[phase] - spent[phase]) / wall for phase in PHASES}
             res.aggregate_chars_per_s[c] = sum(r[2] for r in runs) / wall
             ttfc = [r[0] * 1000 for r in runs]
             res.ttfc_ms[c] = (percentile(ttfc, 0.5), percentile(ttfc, 0.99))
-        for n in HISTORIES:
+        for n in cfg["histories"]:
             text = (history * (n // len(history) + 1))[:n]
             cont = {"model": model, "max_tokens": 20, "strategy": "greedy", "save_session": False}
             if mode == "naive":  # no state cache: the history is read again every time
@@ -139,6 +145,34 @@ async def measure(url: str, mode: str, model: str, history: str, cfg: dict[str, 
                 times.append((time.perf_counter() - t0) * 1000)
             res.continuation_ms[n] = statistics.median(times)
     return res
+
+
+async def engine_seconds(client: httpx.AsyncClient, url: str, model: str) -> dict[str, float]:
+    """The server's rnnserve_engine_seconds_total for `model`, by phase."""
+    text = (await client.get(f"{url}/metrics")).text
+    found = dict.fromkeys(PHASES, 0.0)
+    for line in text.splitlines():
+        if line.startswith("rnnserve_engine_seconds_total{") and f'model="{model}"' in line:
+            phase = line.split('phase="', 1)[1].split('"', 1)[0]
+            found[phase] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def phase_table(results: list[Result]) -> str:
+    """Where the compute thread's time goes, in rnnserve, as shares of each run's wall time."""
+    names = {"step": "decoding step", "choose": "choosing characters", "prefill": "reading prompts",
+             "bookkeeping": "batch bookkeeping"}  # fmt: skip
+    lines = [
+        "| model | streams | " + " | ".join(names[p] for p in PHASES) + " | compute thread idle |",
+        "|---|---:|" + "---:|" * (len(PHASES) + 1),
+    ]
+    for r in results:
+        if r.mode != "batched":
+            continue
+        for c, shares in r.phases.items():
+            cells = " | ".join(f"{shares[p]:.0%}" for p in PHASES)
+            lines.append(f"| {r.model} | {c} | {cells} | {max(0.0, 1 - sum(shares.values())):.0%} |")
+    return "\n".join(lines)
 
 
 def machine() -> str:
@@ -170,12 +204,13 @@ def table(results: list[Result]) -> str:
         ]
         rows += [
             (f"aggregate chars/s, {c} streams", n.aggregate_chars_per_s[c], b.aggregate_chars_per_s[c], True)
-            for c in CONCURRENCY
+            for c in b.aggregate_chars_per_s
         ]
-        for c in CONCURRENCY:
+        for c in b.ttfc_ms:
             rows.append((f"first char p50 / p99 ms, {c} streams", n.ttfc_ms[c], b.ttfc_ms[c], False))
         rows += [
-            (f"continue after {h:,} chars, ms", n.continuation_ms[h], b.continuation_ms[h], False) for h in HISTORIES
+            (f"continue after {h:,} chars, ms", n.continuation_ms[h], b.continuation_ms[h], False)
+            for h in b.continuation_ms
         ]
         for name, old, new, higher_better in rows:
             if isinstance(old, tuple) and isinstance(new, tuple):
@@ -188,12 +223,21 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def run(models: list[str], models_dir: Path, out: Path | None, readme: Path | None, quick: bool) -> str:
-    cfg = (
+def run(
+    models: list[str],
+    models_dir: Path,
+    out: Path | None,
+    readme: Path | None,
+    quick: bool,
+    concurrency: tuple[int, ...] = CONCURRENCY,
+    histories: tuple[int, ...] = HISTORIES,
+) -> str:
+    cfg: dict[str, Any] = (
         {"single": 300, "per_stream": 100, "repeats": 3, "sequential": 5}
         if quick
         else {"single": 1000, "per_stream": 200, "repeats": 5, "sequential": 20}
     )
+    cfg.update(concurrency=concurrency, histories=histories)
     test_split = Path("data/shakespeare/test.txt")
     history = test_split.read_text() if test_split.exists() else FALLBACK_TEXT
     results = []
@@ -208,7 +252,7 @@ def run(models: list[str], models_dir: Path, out: Path | None, readme: Path | No
             server.stop()
     refs = [reference(models_dir / m, results) for m in models]
     report = f"Measured on {machine()}; ratios are rnnserve over the naive baseline (latency: naive over rnnserve).\n\n"
-    report += table(results) + "\n\n" + reference_table(refs)
+    report += table(results) + "\n\n" + reference_table(refs) + "\n\n" + phase_table(results)
     if out is not None:
         out.write_text(json.dumps({"http": [r.__dict__ for r in results], "reference": refs}, indent=2) + "\n")
     if readme is not None:
@@ -219,7 +263,8 @@ def run(models: list[str], models_dir: Path, out: Path | None, readme: Path | No
 @torch.inference_mode()
 def reference(model_dir: Path, results: list[Result], steps: int = 300) -> dict[str, Any]:
     """In-process reference points: the ONNX Runtime step loop without a server, the matmul-bound
-    ceiling of the step at 128 rows on this machine, and the bytes of one stored session."""
+    ceiling of the step on this machine (every row at its matrix-multiply rate), and the bytes of
+    one stored session."""
     from app.checkpoint import load_checkpoint
     from app.nn.onnx_step import OnnxStep
     from app.sessions.record import SessionRecord, encode_state
@@ -241,7 +286,8 @@ def reference(model_dir: Path, results: list[Result], steps: int = 300) -> dict[
     macs += cfg.hidden_size * cfg.vocab_size
     flops_per_s = matmul_rate()
     bound = flops_per_s / (2 * macs)
-    served = next(r for r in results if r.mode == "batched" and r.model == ckpt.name).aggregate_chars_per_s[128]
+    served = next(r for r in results if r.mode == "batched" and r.model == ckpt.name).aggregate_chars_per_s
+    streams = max(served)
     record = SessionRecord(
         session_id="sess-" + "x" * 32, owner="", model=ckpt.name, model_sha256=ckpt.sha256,
         state=encode_state(model.zero_state(1)), last="\n",
@@ -252,8 +298,9 @@ def reference(model_dir: Path, results: list[Result], steps: int = 300) -> dict[
         "model": ckpt.name,
         "ort_chars_per_s": ort_rate,
         "matmul_gflops": flops_per_s / 1e9,
-        "bound_chars_per_s_128": bound,
-        "served_chars_per_s_128": served,
+        "bound_chars_per_s": bound,
+        "served_streams": streams,
+        "served_chars_per_s": served[streams],
         "session_bytes": len(record.to_bytes()),
     }
 
@@ -272,15 +319,15 @@ def matmul_rate(n: int = 1024, repeats: int = 20) -> float:
 
 def reference_table(refs: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | ONNX Runtime step loop, no server: chars/s at 1 / 32 / 128 rows | matmul-bound chars/s at 128 "
-        "rows | served at 128 streams / bound | bytes per stored session |",
+        "| model | ONNX Runtime step loop, no server: chars/s at 1 / 32 / 128 rows | matmul-bound chars/s "
+        "| served at the most streams / bound | bytes per stored session |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in refs:
         o = r["ort_chars_per_s"]
         lines.append(
-            f"| {r['model']} | {o[1]:,.0f} / {o[32]:,.0f} / {o[128]:,.0f} | {r['bound_chars_per_s_128']:,.0f} "
-            f"({r['matmul_gflops']:.0f} GFLOP/s) | {r['served_chars_per_s_128'] / r['bound_chars_per_s_128']:.0%} "
-            f"| {r['session_bytes']:,} |"
+            f"| {r['model']} | {o[1]:,.0f} / {o[32]:,.0f} / {o[128]:,.0f} | {r['bound_chars_per_s']:,.0f} "
+            f"({r['matmul_gflops']:.0f} GFLOP/s) | {r['served_chars_per_s'] / r['bound_chars_per_s']:.0%} "
+            f"at {r['served_streams']} | {r['session_bytes']:,} |"
         )
     return "\n".join(lines)

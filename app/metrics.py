@@ -22,6 +22,10 @@ QUEUE = Gauge("rnnserve_queue_depth", "Generations waiting for a slot", ["model"
 BATCH = Histogram(
     "rnnserve_batch_size", "Rows advanced per engine step", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
 )
+# the compute thread's time in engine trips, by phase: prompt reading, the decoding step's kernel,
+# choosing characters (sampling, stop strings, logprobs) and the rest of a trip (batch bookkeeping)
+ENGINE_SECONDS = Counter("rnnserve_engine_seconds_total", "Compute-thread time in engine trips", ["model", "phase"])
+PHASES = ("prefill", "step", "choose", "bookkeeping")
 SESSIONS = Counter("rnnserve_session_ops_total", "Session store outcomes", ["outcome"])  # hit|miss|conflict|error
 STATE_BYTES = Histogram(
     "rnnserve_session_state_bytes", "Size of stored session records", buckets=(1e3, 4e3, 16e3, 64e3, 256e3, 1e6)

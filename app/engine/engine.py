@@ -144,6 +144,9 @@ class ModelEngine:
         self._own_compute = compute is None
         self.compute = compute or Compute()
         self.sampler = RowSampler([])
+        # compute-thread seconds of the current trip by phase, added to the metric when it ends
+        self.spent = dict.fromkeys(metrics.PHASES, 0.0)
+        self.seconds = {phase: metrics.ENGINE_SECONDS.labels(ckpt.name, phase) for phase in metrics.PHASES}
         self._task: asyncio.Task[None] | None = None
 
     # -- public --------------------------------------------------------------------------
@@ -226,13 +229,24 @@ class ModelEngine:
     def _steps(self, admitted: list[Stream]) -> list[Stream]:
         """One trip off the event loop: a step, then more while every row just keeps decoding and
         the step budget lasts. Returns the streams with news (each once, in order)."""
-        deadline = time.perf_counter() + trip_budget(self.step_budget, len(self.running))
-        news = self._step(admitted)
-        touched = dict.fromkeys(news)
-        while self._only_decoding(news) and time.perf_counter() < deadline:
-            news = self._step([])
-            touched.update(dict.fromkeys(news))
-        return list(touched)
+        start = time.perf_counter()
+        deadline = start + trip_budget(self.step_budget, len(self.running))
+        try:
+            news = self._step(admitted)
+            touched = dict.fromkeys(news)
+            while self._only_decoding(news) and time.perf_counter() < deadline:
+                news = self._step([])
+                touched.update(dict.fromkeys(news))
+            return list(touched)
+        finally:
+            self._account(time.perf_counter() - start)
+
+    def _account(self, trip: float) -> None:
+        """Add a trip's seconds to the metric by phase; what the phases do not cover is bookkeeping."""
+        self.spent["bookkeeping"] = max(0.0, trip - sum(self.spent.values()))
+        for phase, seconds in self.spent.items():
+            self.seconds[phase].inc(seconds)
+            self.spent[phase] = 0.0
 
     def _only_decoding(self, news: list[Stream]) -> bool:
         """Whether the next step can run without the event loop's attention in between (`news`:
@@ -264,11 +278,13 @@ class ModelEngine:
             if seq.state is None:
                 seq.state = self.model.zero_state(1)
             chunk, seq.to_prefill = seq.to_prefill[: self.prefill_chunk], seq.to_prefill[self.prefill_chunk :]
+            start = time.perf_counter()
             if self.naive:  # the baseline reads its prompt one recurrent call per character
                 for i in chunk:
                     _, seq.state = self.model(torch.tensor([[i]]), seq.state)
             else:
                 seq.state = prefill(self.model, chunk, seq.state)
+            self.spent["prefill"] += time.perf_counter() - start
             if not seq.to_prefill:
                 self.prefilling.remove(stream)
                 joined.append(stream)
@@ -305,11 +321,14 @@ class ModelEngine:
         state = self.state
         if pad:
             state = stack_states([state, self.model.zero_state(pad)])
+        start = time.perf_counter()
         if self.fused is not None:
             logits, state = self.fused(ids, state)  # (B, V)
         else:
             out, state = self.model(ids.view(1, -1), state)
             logits = out[0]
+        stepped = time.perf_counter()
+        self.spent["step"] += stepped - start
         self.state = select_state(state, torch.arange(n)) if pad else state
         metrics.BATCH.labels(self.ckpt.name).observe(n)
         metrics.CHARS.labels(self.ckpt.name).inc(sum(s.seq.finish_reason is None for s in self.running))
@@ -320,6 +339,7 @@ class ModelEngine:
         for i, seq in enumerate(seqs):
             if seq.finish_reason is None:
                 seq.advance(logits[i], chosen[i])
+        self.spent["choose"] += time.perf_counter() - stepped
 
     def _fail_all(self) -> list[Stream]:
         failed = self.prefilling + self.running

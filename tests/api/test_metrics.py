@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,17 +13,19 @@ from fastapi.testclient import TestClient
 from app.logs import JsonFormatter
 
 
-def metric(text: str, name: str, **labels: str) -> float:
+def metric(text: str, name: str, default: float | None = None, **labels: str) -> float:
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
     for line in text.splitlines():
         if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
+    if default is not None:
+        return default
     raise AssertionError(f"no {name}{{{want}}}")
 
 
 def test_metrics_count_requests_chars_and_sessions(client: TestClient) -> None:
     before = client.get("/metrics").text
-    chars0 = metric(before, "rnnserve_generated_chars_total", model="tiny-gru") if "tiny-gru" in before else 0.0
+    chars0 = metric(before, "rnnserve_generated_chars_total", 0.0, model="tiny-gru")
     out = client.post("/generate", json={"model": "tiny-gru", "prompt": "A", "max_tokens": 25}).json()
     client.get(f"/sessions/{out['session_id']}")
     client.get("/sessions/sess-missing")
@@ -35,6 +38,22 @@ def test_metrics_count_requests_chars_and_sessions(client: TestClient) -> None:
     assert metric(text, "rnnserve_time_to_first_char_seconds_count", model="tiny-gru") >= 1
     assert metric(text, "rnnserve_batch_size_count", model="tiny-gru") >= 25
     assert "rnnserve_queue_depth" in text and "rnnserve_active_generations" in text
+
+
+def test_metrics_split_the_compute_threads_time_by_phase(client: TestClient) -> None:
+    def spent() -> dict[str, float]:
+        text = client.get("/metrics").text
+        phases = ("prefill", "step", "choose", "bookkeeping")
+        return {p: metric(text, "rnnserve_engine_seconds_total", 0.0, model="tiny-lstm", phase=p) for p in phases}
+
+    before = spent()
+    t0 = time.perf_counter()
+    client.post("/generate", json={"model": "tiny-lstm", "prompt": "To be, or not to be" * 20, "max_tokens": 300})
+    wall = time.perf_counter() - t0
+    after = spent()
+    grown = {phase: after[phase] - before[phase] for phase in after}
+    assert all(seconds > 0 for seconds in grown.values()), grown
+    assert sum(grown.values()) < wall  # compute-thread time of this request's trips only
 
 
 def test_request_id_is_kept_or_made(client: TestClient) -> None:

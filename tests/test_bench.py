@@ -1,0 +1,43 @@
+"""`rnnserve bench` end to end on a tiny model: both servers, every measurement, the README section."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from app import bench
+from app.checkpoint import save_checkpoint
+from app.nn import CharRNN, ModelConfig
+from app.vocab import Vocab
+
+
+def test_bench_measures_both_engines_and_writes_the_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no data/ here: the benchmark's prompts come from its fallback text
+    vocab = Vocab("".join(sorted(set(bench.FALLBACK_TEXT))))
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(arch="lstm", vocab_size=len(vocab), embedding_size=8, hidden_size=32))
+    save_checkpoint(tmp_path / "models" / "tiny-lstm", model, vocab, {"corpus": {"name": "tiny"}})
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n")
+    out = tmp_path / "bench.json"
+
+    bench.run(["tiny-lstm"], tmp_path / "models", out, readme, quick=True, concurrency=(1, 4), histories=(10, 1000))
+
+    data = json.loads(out.read_text())
+    results = {r["mode"]: r for r in data["http"]}
+    assert set(results) == {"naive", "batched"}
+    for r in results.values():
+        assert r["single_chars_per_s"] > 0
+        assert set(r["aggregate_chars_per_s"]) == {"1", "4"} and all(r["aggregate_chars_per_s"].values())
+        assert set(r["continuation_ms"]) == {"10", "1000"}
+    phases = results["batched"]["phases"]["4"]
+    assert phases["step"] > 0 and phases["choose"] > 0 and phases["prefill"] > 0
+    assert sum(phases.values()) <= 1.05  # shares of one thread's wall time
+    assert data["reference"][0]["bound_chars_per_s"] > 0 and data["reference"][0]["served_streams"] == 4
+    text = readme.read_text()
+    assert "old" not in text
+    assert "| tiny-lstm | aggregate chars/s, 4 streams |" in text and "| tiny-lstm | continue after 1,000 chars" in text
+    assert "| tiny-lstm | 4 |" in text and "compute thread idle" in text
