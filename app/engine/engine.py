@@ -34,6 +34,10 @@ STEP_BUDGET_S = 0.02
 # parsed by the client): a trip lasts at least this long per running row, so a full batch sends
 # about 2,000 events a second, however many rows it has.
 TRIP_S_PER_ROW = 0.0005
+# A step reads at most this many chunks' worth of prompt characters, over all the streams still
+# reading theirs (round robin): a burst of new requests then neither stalls the running streams for
+# long nor waits for all the others' prompts before its first character.
+PREFILL_CHUNKS_PER_STEP = 4
 
 
 class Stream:
@@ -267,6 +271,7 @@ class ModelEngine:
         touched: list[Stream] = []
         self.prefilling.extend(admitted)
         joined = []
+        budget = PREFILL_CHUNKS_PER_STEP * self.prefill_chunk  # prompt characters this step may read
         for stream in list(self.prefilling):
             seq = stream.seq
             if seq.cancelled:
@@ -274,6 +279,8 @@ class ModelEngine:
                 seq.cancel()
                 seq.finish(None)  # the prompt was not fully read: no state to continue from
                 touched.append(stream)
+                continue
+            if budget <= 0:
                 continue
             if seq.state is None:
                 seq.state = self.model.zero_state(1)
@@ -285,8 +292,11 @@ class ModelEngine:
             else:
                 seq.state = prefill(self.model, chunk, seq.state)
             self.spent["prefill"] += time.perf_counter() - start
-            if not seq.to_prefill:
-                self.prefilling.remove(stream)
+            budget -= len(chunk)
+            self.prefilling.remove(stream)
+            if seq.to_prefill:
+                self.prefilling.append(stream)  # round robin: a long prompt lets the others read theirs
+            else:
                 joined.append(stream)
         if joined:
             states = [s.seq.state for s in joined if s.seq.state is not None]

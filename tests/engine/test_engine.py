@@ -15,6 +15,7 @@ import torch
 from app.checkpoint import Checkpoint
 from app.engine.compute import run_to_end
 from app.engine.engine import (
+    PREFILL_CHUNKS_PER_STEP,
     ROW_MULTIPLE,
     STEP_BUDGET_S,
     TRIP_S_PER_ROW,
@@ -268,6 +269,34 @@ def test_long_prompt_is_prefilled_in_chunks_with_the_same_result(
     assert trace.running[: chunk_steps - 1] == [1] * (chunk_steps - 1)  # the short one did not wait
     assert trace.prefilling[chunk_steps - 1 :] == [0] * (len(trace.prefilling) - chunk_steps + 1)
     assert len(trace.running) == chunk_steps - 1 + n
+
+
+def test_a_burst_of_prompts_is_read_a_few_chunks_per_step_while_the_first_ones_decode(
+    tiny_model: Callable[..., CharRNN], vocab: Vocab, tiny_text: str
+) -> None:
+    model = tiny_model("gru")
+    chunk = 16
+    prompts = [tiny_text[i * 7 : i * 7 + 40] for i in range(10)]  # 40 characters to read each (bos + 39)
+    reqs = [request(vocab, p, 12, SamplingParams(), seed=i) for i, p in enumerate(prompts)]
+
+    async def alone() -> list[GenerationResult]:
+        async with started(make_engine(model, vocab, prefill_chunk=chunk)) as engine:
+            return [(await collect(engine.submit(r)))[1] for r in reqs]
+
+    async def burst() -> tuple[list[GenerationResult], StepTrace]:
+        engine = make_engine(model, vocab, prefill_chunk=chunk)
+        trace = trace_steps(engine)
+        async with started(engine):
+            done = await asyncio.gather(*(collect(engine.submit(r)) for r in reqs))
+        return [r for _, r in done], trace
+
+    expected = run(alone())
+    got, trace = run(burst())
+    assert [r.ids for r in got] == [r.ids for r in expected]
+    reading = [n for n in trace.prefilling if n]
+    budget = PREFILL_CHUNKS_PER_STEP * chunk
+    assert len(reading) >= 10 * 40 // budget - 1  # the prompts took several steps to read ...
+    assert any(p and r for p, r in zip(trace.prefilling, trace.running, strict=True))  # ... while others decoded
 
 
 def test_abort_frees_the_slot_at_the_next_step(tiny_model: Callable[..., CharRNN], vocab: Vocab) -> None:
