@@ -425,11 +425,17 @@ class RowSampler:
         return self._key(seqs) == self.key
 
     def choose(self, logits: torch.Tensor) -> list[int]:
+        if not self.rows:
+            return logits.argmax(dim=-1).tolist()
+        every = len(self.rows) == len(logits)  # every row samples: no gather, no scatter
+        sampled = logits if every else logits[self.rows]
+        filtered = filter_logits(sampled, self.temperature, self.top_k, self.top_p, self.min_p)
+        uniforms = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+        drawn = draw(torch.softmax(filtered, dim=-1), uniforms)
+        if every:
+            return drawn.tolist()
         chosen = logits.argmax(dim=-1)
-        if self.rows:
-            filtered = filter_logits(logits[self.rows], self.temperature, self.top_k, self.top_p, self.min_p)
-            uniforms = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
-            chosen[self.rows] = draw(torch.softmax(filtered, dim=-1), uniforms)
+        chosen[self.rows] = drawn
         return chosen.tolist()
 
 
