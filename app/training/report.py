@@ -12,7 +12,7 @@ from app.checkpoint import Checkpoint
 from app.engine.generate import generate
 from app.engine.sampling import SamplingParams
 from app.engine.sequence import GenerationRequest
-from app.nn import FusedStep
+from app.nn.onnx_step import OnnxStep
 from app.readme import write_section
 
 SAMPLE_PROMPT = "ROMEO:\n"
@@ -31,8 +31,8 @@ def fmt_time(seconds: float) -> str:
 
 @torch.inference_mode()
 def chars_per_second(ckpt: Checkpoint, n: int = 2000) -> float:
-    """Single-stream decoding speed of the fused step (batch 1), on this machine."""
-    step = FusedStep(ckpt.model)
+    """Single-stream decoding speed of the step the server decodes with (ONNX Runtime, batch 1), on this machine."""
+    step = OnnxStep(ckpt.model, threads=torch.get_num_threads())
     state = ckpt.model.zero_state(1)
     ids = torch.tensor([ckpt.vocab.bos])
     start = time.perf_counter()
