@@ -52,9 +52,10 @@ def make_engine(
     max_queue: int = 64,
     prefill_chunk: int = 1024,
     step_budget: float = STEP_BUDGET_S,
+    step: str = "torch",
 ) -> ModelEngine:
     ckpt = Checkpoint("tiny", model, vocab, {}, "0" * 64)
-    return ModelEngine(ckpt, max_batch, max_queue, prefill_chunk, step_budget=step_budget)
+    return ModelEngine(ckpt, max_batch, max_queue, prefill_chunk, step=step, step_budget=step_budget)
 
 
 @asynccontextmanager
@@ -132,9 +133,11 @@ def assert_states_close(a: State | None, b: State | None) -> None:
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
-async def alone(model: CharRNN, vocab: Vocab, req: GenerationRequest) -> tuple[list[str], GenerationResult]:
+async def alone(
+    model: CharRNN, vocab: Vocab, req: GenerationRequest, step: str = "torch"
+) -> tuple[list[str], GenerationResult]:
     """The reference: the request with nothing else in a fresh engine."""
-    async with started(make_engine(model, vocab)) as engine:
+    async with started(make_engine(model, vocab, step=step)) as engine:
         return await collect(engine.submit(req))
 
 
@@ -161,9 +164,10 @@ def mixed_requests(vocab: Vocab) -> list[GenerationRequest]:
     return reqs
 
 
+@pytest.mark.parametrize("step", ["torch", "onnx"])
 @pytest.mark.parametrize("arch", ["lstm", "gru", "rnn"])
 def test_batch_composition_does_not_change_any_result(
-    arch: str, tiny_model: Callable[..., CharRNN], vocab: Vocab
+    arch: str, step: str, tiny_model: Callable[..., CharRNN], vocab: Vocab
 ) -> None:
     model = tiny_model(arch)
     reqs = mixed_requests(vocab)
@@ -171,8 +175,8 @@ def test_batch_composition_does_not_change_any_result(
     async def main() -> tuple[
         list[tuple[list[str], GenerationResult]], list[tuple[list[str], GenerationResult]], StepTrace
     ]:
-        solo = [await alone(model, vocab, r) for r in reqs]
-        engine = make_engine(model, vocab)
+        solo = [await alone(model, vocab, r, step) for r in reqs]
+        engine = make_engine(model, vocab, step=step)
         trace = trace_steps(engine)
         async with started(engine):
             tasks = []
