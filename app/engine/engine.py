@@ -18,7 +18,7 @@ from app.engine.inspect import Trace, inspect
 from app.engine.sampling import draw, filter_logits
 from app.engine.sequence import GenerationRequest, GenerationResult, Sequence
 from app.errors import OverloadedError, UnavailableError
-from app.nn import CharRNN, FusedStep, State, select_state, stack_states
+from app.nn import CharRNN, FusedStep, State, select_state, stack_states, state_parts
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,8 @@ class ModelEngine:
         # compute-thread seconds of the current trip by phase, added to the metric when it ends
         self.spent = dict.fromkeys(metrics.PHASES, 0.0)
         self.seconds = {phase: metrics.ENGINE_SECONDS.labels(ckpt.name, phase) for phase in metrics.PHASES}
+        self.batch_sizes = metrics.BATCH.labels(ckpt.name)  # looked up once, observed every step
+        self.chars_made = metrics.CHARS.labels(ckpt.name)
         self._task: asyncio.Task[None] | None = None
 
     # -- public --------------------------------------------------------------------------
@@ -340,8 +342,8 @@ class ModelEngine:
         stepped = time.perf_counter()
         self.spent["step"] += stepped - start
         self.state = select_state(state, torch.arange(n)) if pad else state
-        metrics.BATCH.labels(self.ckpt.name).observe(n)
-        metrics.CHARS.labels(self.ckpt.name).inc(sum(s.seq.finish_reason is None for s in self.running))
+        self.batch_sizes.observe(n)
+        self.chars_made.inc(sum(s.seq.finish_reason is None for s in self.running))
         seqs = [s.seq for s in self.running]
         if not self.sampler.fits(seqs):  # the batch changed: the sampling columns are rebuilt
             self.sampler = RowSampler(seqs)
@@ -458,24 +460,19 @@ def row_multiple(step: Step, model: CharRNN, rows: int = 16) -> int:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (rows,), generator=g)
     zero = model.zero_state(rows)
-    parts = zero if isinstance(zero, tuple) else (zero,)
-    state = tuple(torch.randn(p.shape, generator=g).tanh() for p in parts)
-    full: State = state if len(state) == 2 else state[0]
+
+    def noise(t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(t.shape, generator=g).tanh()
+
+    full: State = (noise(zero[0]), noise(zero[1])) if isinstance(zero, tuple) else noise(zero)
     logits, after = step(ids, full)
     for n in range(1, rows):
         first = torch.arange(n)
         part_logits, part_after = step(ids[:n], select_state(full, first))
-        same_state = all(
-            torch.equal(a, b)
-            for a, b in zip(split_parts(part_after), split_parts(select_state(after, first)), strict=True)
-        )
-        if not (torch.equal(part_logits, logits[:n]) and same_state):
+        pairs = zip(state_parts(part_after), state_parts(select_state(after, first)), strict=True)
+        if not (torch.equal(part_logits, logits[:n]) and all(torch.equal(a, b) for a, b in pairs)):
             return ROW_MULTIPLE
     return 1
-
-
-def split_parts(state: State) -> tuple[torch.Tensor, ...]:
-    return state if isinstance(state, tuple) else (state,)
 
 
 class Engine:

@@ -29,7 +29,7 @@ def prefill(model: CharRNN, ids: list[int], state: State | None) -> State:
 
 def prefill_steps(model: CharRNN, ids: list[int], state: State | None) -> Steps[State]:
     """prefill, one chunk of `ids` per step."""
-    state = prefill(model, [], state)
+    state = state if state is not None else model.zero_state(1)
     for start in range(0, len(ids), CHUNK):
         state = prefill(model, ids[start : start + CHUNK], state)
         yield

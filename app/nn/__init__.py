@@ -9,6 +9,17 @@ from app.nn.model import (
     select_state,
     split_state,
     stack_states,
+    state_parts,
 )
 
-__all__ = ["ARCHS", "CharRNN", "FusedStep", "ModelConfig", "State", "select_state", "split_state", "stack_states"]
+__all__ = [
+    "ARCHS",
+    "CharRNN",
+    "FusedStep",
+    "ModelConfig",
+    "State",
+    "select_state",
+    "split_state",
+    "stack_states",
+    "state_parts",
+]

@@ -83,6 +83,11 @@ class CharRNN(nn.Module):
         return self.head(self.drop(out)), state  # (T, B, V)
 
 
+def state_parts(state: State) -> tuple[Tensor, ...]:
+    """The tensors of a state: (h,) for rnn/gru, (h, c) for lstm."""
+    return state if isinstance(state, tuple) else (state,)
+
+
 def stack_states(states: list[State]) -> State:
     """Per-sequence states (batch 1 or more each) -> one state batched along dim 1."""
     first = states[0]

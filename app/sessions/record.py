@@ -10,7 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import Tensor
 
-from app.nn import State
+from app.nn import State, state_parts
 
 TAIL_CHARS = 200
 MAGIC = b"RNS1"
@@ -63,8 +63,7 @@ class SessionRecord:
 
 def encode_state(state: State) -> bytes:
     """A recurrent state (batch 1) as safetensors bytes: h, and c for an LSTM."""
-    parts = state if isinstance(state, tuple) else (state,)
-    return save({name: t.contiguous() for name, t in zip(("h", "c"), parts, strict=False)})
+    return save({name: t.contiguous() for name, t in zip(("h", "c"), state_parts(state), strict=False)})
 
 
 def decode_state(blob: bytes, arch: str, num_layers: int, hidden_size: int) -> State:

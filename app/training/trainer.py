@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from app.checkpoint import save_checkpoint
-from app.nn import CharRNN, ModelConfig, State
+from app.nn import CharRNN, ModelConfig, State, state_parts
 from app.training.evaluate import stream_loss
 from app.vocab import Vocab
 
@@ -146,8 +146,7 @@ class Trainer:
                     scalars.setdefault(str(pid), {})[k] = v
         tensors["rng.torch"] = torch.get_rng_state()
         if self.carry is not None:
-            carry = self.carry if isinstance(self.carry, tuple) else (self.carry,)
-            tensors.update({f"carry.{j}": t.contiguous() for j, t in enumerate(carry)})
+            tensors.update({f"carry.{j}": t.contiguous() for j, t in enumerate(state_parts(self.carry))})
         tmp = self.run_dir / "state.safetensors.tmp"
         save_file(tensors, str(tmp))
         os.replace(tmp, self.run_dir / "state.safetensors")
