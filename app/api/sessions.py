@@ -128,15 +128,18 @@ async def save_abandoned(job: Job, stream: Stream, svc: Services, handed_out: in
             await stream.next()
     except StopAsyncIteration:
         pass
-    result = stream.result
-    start = stream.seq.start_state
-    if result is None or start is None or not job.save:
+    result, seq = stream.result, stream.seq
+    if result is None or seq.start_state is None or not job.save:
         await abandon(job, svc)
         return
     sent = result.consumed[:handed_out]
-    # re-read what was sent from the state after the prompt: [pending, sent[:-1]] -> state, sent[-1] pending
-    ids = [job.request.ids[-1], *sent]
-    state = await svc.engine.prefill(job.ckpt, ids[:-1], start)
+    base: State | None
+    if handed_out >= seq.start_made:
+        # re-read what was sent after the state the row started decoding from
+        base, ids = seq.start_state, [seq.start_pending, *sent[seq.start_made :]]
+    else:  # nothing was sent of what that state holds: read the prompt again
+        base, ids = seq.origin, [*job.request.ids, *sent]
+    state = await svc.engine.prefill(job.ckpt, ids[:-1], base)
     truncated = GenerationResult(
         ids=sent, finish_reason="cancelled", state=state, pending=ids[-1],
         generator_state=result.generator_state, consumed=sent,

@@ -13,7 +13,7 @@ import torch
 from app import metrics
 from app.checkpoint import Checkpoint
 from app.engine.compute import Compute
-from app.engine.generate import CHUNK, beam_generation, prefill, prefill_steps, score_steps
+from app.engine.generate import CHUNK, beam_generation, prefill_steps, read, score_steps
 from app.engine.inspect import Trace, inspect
 from app.engine.sampling import draw, filter_logits
 from app.engine.sequence import GenerationRequest, GenerationResult, Sequence
@@ -38,6 +38,9 @@ TRIP_S_PER_ROW = 0.0005
 # reading theirs (round robin): a burst of new requests then neither stalls the running streams for
 # long nor waits for all the others' prompts before its first character.
 PREFILL_CHUNKS_PER_STEP = 4
+# Where prompts are read together (each row to its own length, in one call), each takes at least
+# this many characters per step, however many there are.
+READ_MIN_WIDTH = 16
 
 
 class Stream:
@@ -130,6 +133,10 @@ class ModelEngine:
             max_batch = 1
         self.fused = None if naive else make_step(ckpt.model, step)
         self.row_multiple = 1 if self.fused is None else row_multiple(self.fused, ckpt.model)
+        self.reader = make_reader(ckpt.model, "naive" if naive else step)
+        # prompts are read together only where a row's result cannot depend on the others (calls
+        # padded to this many rows); 0: one at a time
+        self.read_rows = read_min_rows(self.reader, ckpt.model) if step == "onnx" and not naive else 0
         self.step_budget = 0.0 if naive else step_budget  # the baseline: one step per trip
         self.decode = ckpt.vocab.chars
         self.max_batch = max_batch
@@ -272,58 +279,105 @@ class ModelEngine:
         """One engine step, off the event loop: feed prompts a chunk further, then decode one character."""
         touched: list[Stream] = []
         self.prefilling.extend(admitted)
-        joined = []
-        budget = PREFILL_CHUNKS_PER_STEP * self.prefill_chunk  # prompt characters this step may read
-        for stream in list(self.prefilling):
-            seq = stream.seq
-            if seq.cancelled:
-                self.prefilling.remove(stream)
-                seq.cancel()
-                seq.finish(None)  # the prompt was not fully read: no state to continue from
-                touched.append(stream)
-                continue
-            if budget <= 0:
-                continue
-            if seq.state is None:
-                seq.state = self.model.zero_state(1)
-            chunk, seq.to_prefill = seq.to_prefill[: self.prefill_chunk], seq.to_prefill[self.prefill_chunk :]
-            start = time.perf_counter()
-            if self.naive:  # the baseline reads its prompt one recurrent call per character
-                for i in chunk:
-                    _, seq.state = self.model(torch.tensor([[i]]), seq.state)
-            else:
-                seq.state = prefill(self.model, chunk, seq.state)
-            self.spent["prefill"] += time.perf_counter() - start
-            budget -= len(chunk)
+        for stream in [s for s in self.prefilling if s.seq.cancelled]:
             self.prefilling.remove(stream)
-            if seq.to_prefill:
-                self.prefilling.append(stream)  # round robin: a long prompt lets the others read theirs
-            else:
-                joined.append(stream)
-        if joined:
-            states = [s.seq.state for s in joined if s.seq.state is not None]
-            self.state = stack_states(([self.state] if self.state is not None else []) + states)
-            self.running.extend(joined)
-        for stream in joined:
-            stream.seq.start_state, stream.seq.state = stream.seq.state, None  # it lives in the batch now
+            stream.seq.cancel()
+            stream.seq.finish(None)  # the prompt was not fully read: no state to continue from
+            touched.append(stream)
+        ready, read = self._read_prompts() if self.prefilling else ([], [])
+        self._join(ready)  # nothing to read: the step makes their first character
         for stream in self.running:
             if stream.seq.cancelled:
                 stream.seq.cancel()
-        if any(s.seq.finish_reason is None for s in self.running):
+        touched += self._leave()  # before the step, which would feed them their pending character
+        if self.running:
             self._decode_one()
         self.steps += 1
-        # rows that finished leave the batch with their state
-        done = [i for i, s in enumerate(self.running) if s.seq.finish_reason is not None]
-        if done:
-            assert self.state is not None
-            for i in done:
-                self.running[i].seq.finish(select_state(self.state, torch.tensor([i])))
-            keep = [i for i in range(len(self.running)) if i not in set(done)]
-            self.state = select_state(self.state, torch.tensor(keep, dtype=torch.long)) if keep else None
-            touched.extend(self.running[i] for i in done)
-            self.running = [self.running[i] for i in keep]
+        touched += self._leave()
+        # a prompt read to its end gave its first character: the row joins after this step's decode,
+        # so that character goes out now
+        for stream in read:
+            seq = stream.seq
+            if seq.finish_reason is not None:
+                assert seq.state is not None
+                seq.started(seq.state)
+                seq.finish(seq.state)
+                touched.append(stream)
+        self._join([s for s in read if s.seq.finish_reason is None])
         touched.extend(self.running)
         return touched
+
+    def _leave(self) -> list[Stream]:
+        """Rows that finished leave the batch with their state (after all but their pending character)."""
+        done = [i for i, s in enumerate(self.running) if s.seq.finish_reason is not None]
+        if not done:
+            return []
+        assert self.state is not None
+        for i in done:
+            self.running[i].seq.finish(select_state(self.state, torch.tensor([i])))
+        keep = [i for i in range(len(self.running)) if i not in set(done)]
+        self.state = select_state(self.state, torch.tensor(keep, dtype=torch.long)) if keep else None
+        left = [self.running[i] for i in done]
+        self.running = [self.running[i] for i in keep]
+        return left
+
+    def _join(self, streams: list[Stream]) -> None:
+        """Streams become rows of the batch; their states move into it."""
+        if not streams:
+            return
+        states = [s.seq.state if s.seq.state is not None else self.model.zero_state(1) for s in streams]
+        self.state = stack_states(([self.state] if self.state is not None else []) + states)
+        self.running.extend(streams)
+        for stream, state in zip(streams, states, strict=True):
+            stream.seq.started(state)
+            stream.seq.state = None  # it lives in the batch now
+
+    def _read_prompts(self) -> tuple[list[Stream], list[Stream]]:
+        """Feed the prompts being read a chunk further. Returns the streams with nothing to read
+        (their first step comes next), and those whose prompt ended, their first character made."""
+        ready = [s for s in self.prefilling if not s.seq.to_prefill]
+        reading = [s for s in self.prefilling if s.seq.to_prefill]
+        budget = PREFILL_CHUNKS_PER_STEP * self.prefill_chunk  # prompt characters this step may read
+        groups: list[tuple[list[Stream], int]] = []
+        if self.read_rows and reading:  # every prompt at once, a slice of each
+            groups.append((reading, min(self.prefill_chunk, max(READ_MIN_WIDTH, budget // len(reading)))))
+        else:  # one prompt per call, a chunk each, round robin
+            for stream in reading:
+                if budget <= 0:
+                    break
+                groups.append(([stream], self.prefill_chunk))
+                budget -= min(len(stream.seq.to_prefill), self.prefill_chunk)
+        ended = [stream for group, width in groups for stream in self._read(group, width)]
+        took = {s for group, _ in groups for s in group}
+        # round robin: the streams that read this step go to the back of the line
+        self.prefilling = [s for s in reading if s not in took] + [s for s in reading if s in took and s.seq.to_prefill]
+        return ready, ended
+
+    def _read(self, streams: list[Stream], width: int) -> list[Stream]:
+        """The next `width` prompt characters of each stream, in one call; returns the streams whose
+        prompt ended, their first character chosen from the logits after it."""
+        seqs = [s.seq for s in streams]
+        start = time.perf_counter()
+        pad = max(0, self.read_rows - len(seqs))  # dummy rows of one character
+        rows = [seq.to_prefill[:width] for seq in seqs] + [[0]] * pad
+        states = [seq.state if seq.state is not None else self.model.zero_state(1) for seq in seqs]
+        logits, state = self.reader(rows, stack_states(states + ([self.model.zero_state(pad)] if pad else [])))
+        ended = []
+        for i, seq in enumerate(seqs):
+            seq.to_prefill = seq.to_prefill[width:]
+            seq.state = select_state(state, torch.tensor([i]))
+            if not seq.to_prefill:
+                ended.append(i)
+        read = time.perf_counter()
+        self.spent["prefill"] += read - start
+        if ended:
+            first = [seqs[i] for i in ended]
+            chosen = RowSampler(first).choose(logits[ended])
+            for i, seq, nxt in zip(ended, first, chosen, strict=True):
+                seq.advance(logits[i], nxt)
+            self.chars_made.inc(len(ended))
+            self.spent["choose"] += time.perf_counter() - read
+        return [streams[i] for i in ended]
 
     def _decode_one(self) -> None:
         assert self.state is not None
@@ -442,6 +496,8 @@ class RowSampler:
 
 
 Step = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
+# rows of prompt ids (each not empty) and their state -> the logits after each row's last id (B, V), the state there
+Reader = Callable[[list[list[int]], State], tuple[torch.Tensor, State]]
 
 
 def make_step(model: CharRNN, kind: str) -> Step:
@@ -453,24 +509,76 @@ def make_step(model: CharRNN, kind: str) -> Step:
     return FusedStep(model)
 
 
+def make_reader(model: CharRNN, kind: str) -> Reader:
+    """The prompt reader: ONNX Runtime's whole-sequence ops over many rows ("onnx"), torch's whole-sequence
+    kernel one row at a time ("torch"), or the baseline's one recurrent call per character ("naive")."""
+    if kind == "onnx":
+        from app.nn.onnx_step import OnnxPrefill
+
+        return OnnxPrefill(model, threads=torch.get_num_threads())
+
+    def one_row(rows: list[list[int]], state: State) -> tuple[torch.Tensor, State]:
+        (ids,) = rows
+        if kind == "naive":
+            for i in ids:
+                out, state = model(torch.tensor([[i]]), state)
+            return out[0], state
+        logits, state = read(model, ids, state)
+        return logits.unsqueeze(0), state
+
+    return one_row
+
+
+def _noise_state(model: CharRNN, rows: int, g: torch.Generator) -> State:
+    """A state of `rows` rows with values in (-1, 1), as after some text."""
+    parts = tuple(torch.randn(t.shape, generator=g).tanh() for t in state_parts(model.zero_state(rows)))
+    return parts if len(parts) == 2 else parts[0]
+
+
+def _same(a: tuple[torch.Tensor, State], b: tuple[torch.Tensor, State]) -> bool:
+    pairs = zip((a[0], *state_parts(a[1])), (b[0], *state_parts(b[1])), strict=True)
+    return all(torch.equal(x, y) for x, y in pairs)
+
+
+@torch.inference_mode()
+def read_min_rows(reader: Reader, model: CharRNN, rows: int = 12) -> int:
+    """The fewest rows a call of `reader` must have for every row to get the same bits whatever the
+    other rows and their lengths, with two calls giving the bits of one (ONNX Runtime's kernels do,
+    from 1 row for LSTM and GRU, from 2 for RNN, on the CPUs measured); 0 where there is none: prompts
+    are then read one at a time, in fixed chunks."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 40, (rows,), generator=g).tolist()
+    ids = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    state = _noise_state(model, rows, g)
+    whole = reader(ids, state)
+    _, half = reader([row[: len(row) // 2] for row in ids], state)
+    if not _same(reader([row[len(row) // 2 :] for row in ids], half), whole):
+        return 0
+    alike = [
+        all(
+            _same(
+                reader(ids[first : first + n], select_state(state, part)),
+                (whole[0][part], select_state(whole[1], part)),
+            )
+            for first in (0, rows - n)
+            for part in [torch.arange(first, first + n)]
+        )
+        for n in range(1, rows)
+    ]
+    return next((least for least in (1, 2) if all(alike[least - 1 :])), 0)
+
+
 @torch.inference_mode()
 def row_multiple(step: Step, model: CharRNN, rows: int = 16) -> int:
     """1 when `step` gives each row the same bits at every batch size from 1 to `rows` (ONNX
     Runtime's kernels do on the CPUs measured), else ROW_MULTIPLE: batches are then padded."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (rows,), generator=g)
-    zero = model.zero_state(rows)
-
-    def noise(t: torch.Tensor) -> torch.Tensor:
-        return torch.randn(t.shape, generator=g).tanh()
-
-    full: State = (noise(zero[0]), noise(zero[1])) if isinstance(zero, tuple) else noise(zero)
+    full = _noise_state(model, rows, g)
     logits, after = step(ids, full)
     for n in range(1, rows):
         first = torch.arange(n)
-        part_logits, part_after = step(ids[:n], select_state(full, first))
-        pairs = zip(state_parts(part_after), state_parts(select_state(after, first)), strict=True)
-        if not (torch.equal(part_logits, logits[:n]) and all(torch.equal(a, b) for a, b in pairs)):
+        if not _same(step(ids[:n], select_state(full, first)), (logits[:n], select_state(after, first))):
             return ROW_MULTIPLE
     return 1
 

@@ -27,6 +27,13 @@ def prefill(model: CharRNN, ids: list[int], state: State | None) -> State:
     return state
 
 
+@torch.inference_mode()
+def read(model: CharRNN, ids: list[int], state: State) -> tuple[torch.Tensor, State]:
+    """Run `ids` (not empty) through the whole-sequence kernel: the logits after the last (V,) and the state there."""
+    logits, state = model(torch.tensor(ids, dtype=torch.long).view(-1, 1), state)  # (T, 1, V)
+    return logits[-1, 0], state
+
+
 def prefill_steps(model: CharRNN, ids: list[int], state: State | None) -> Steps[State]:
     """prefill, one chunk of `ids` per step."""
     state = state if state is not None else model.zero_state(1)
@@ -42,7 +49,10 @@ def generate(model: CharRNN, decode: str, req: GenerationRequest, state: State |
     if req.params.strategy == "beam":
         return run_to_end(beam_generation(model, decode, req, state))
     seq = Sequence(req, decode, state)
-    state = prefill(model, seq.to_prefill, seq.state)
+    state = seq.state if seq.state is not None else model.zero_state(1)
+    if seq.to_prefill:
+        logits, state = read(model, seq.to_prefill, state)
+        seq.advance(logits)
     while seq.finish_reason is None:
         logits, state = model(torch.tensor([[seq.pending]]), state)
         seq.advance(logits[0, 0])

@@ -58,8 +58,11 @@ class Sequence:
         self.id = next(_ids)
         self.req = req
         self.decode = decode
-        self.to_prefill = list(req.ids[:-1])  # still to run through the whole-sequence kernel
-        self.pending = req.ids[-1]
+        # still to run through the whole-sequence kernel: a prompt is read to its end, and the
+        # logits after it give the first character; with nothing to read, the first step does
+        self.to_prefill = list(req.ids) if len(req.ids) > 1 else []
+        self.pending = req.ids[-1]  # the input of the next step
+        self.origin = state  # the state before the prompt
         self.state = state  # batch 1, or None for a zero state; while running it lives in the batch
         self.generator = torch.Generator()
         if req.generator_state is not None:
@@ -74,7 +77,11 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.cancelled = False
         self.final: GenerationResult | None = None
-        self.start_state: State | None = None  # after the prompt, before the first generated character
+        # the state a row started decoding from (after the prompt and the characters made from it,
+        # `start_made`), before `start_pending`
+        self.start_state: State | None = None
+        self.start_pending = self.pending
+        self.start_made = 0
 
     @property
     def params(self) -> SamplingParams:
@@ -99,6 +106,10 @@ class Sequence:
             text += self.stopper.flush()
         self.released += len(text)
         self.unsent += text
+
+    def started(self, state: State) -> None:
+        """Record the state after the prompt (and the first character, if made from it)."""
+        self.start_state, self.start_pending, self.start_made = state, self.pending, len(self.ids)
 
     def cancel(self) -> None:
         """End now; what the stop checker held back is not a stop string, so it is released."""

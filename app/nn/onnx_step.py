@@ -1,73 +1,125 @@
-"""OnnxStep: the fused decoding step exported to ONNX and run by ONNX Runtime.
+"""ONNX Runtime kernels of a CharRNN: the fused decoding step, and the whole-sequence prompt reader.
 
-Same inputs, outputs and results (within float rounding) as FusedStep, faster on a CPU. Built in
-memory from the loaded weights at startup, so a checkpoint stays plain safetensors.
+Same inputs, outputs and results (within float rounding) as FusedStep and CharRNN.forward, faster
+on a CPU. Built in memory from the loaded weights at startup, so a checkpoint stays plain
+safetensors.
 """
 
 from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
 from app.nn.fused import FusedStep
-from app.nn.model import CharRNN, State
+from app.nn.model import CharRNN, State, state_parts
+
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 
 
 class _Exportable(nn.Module):
-    def __init__(self, step: FusedStep, lstm: bool) -> None:
+    def __init__(self, fn: Callable[[Tensor, State], tuple[Tensor, State]], lstm: bool) -> None:
         super().__init__()
-        self.step = step
+        self.fn = fn
         self.lstm = lstm
 
     def forward(self, ids: Tensor, h: Tensor, c: Tensor | None = None) -> tuple[Tensor, ...]:
-        if self.lstm:
-            assert c is not None
-            logits, (h2, c2) = self.step(ids, (h, c))
-            return logits, h2, c2
-        logits, h2 = self.step(ids, h)
-        return logits, h2  # type: ignore[return-value]
+        logits, state = self.fn(ids, (h, c) if self.lstm else h)  # type: ignore[arg-type]
+        return (logits, *state_parts(state))
+
+
+def _session(model: CharRNN, fn: Callable[[Tensor, State], tuple[Tensor, State]], ids: Tensor, threads: int,
+             lengths: bool = False) -> ort.InferenceSession:  # fmt: skip
+    """Export `fn(ids, state) -> (logits, state)` (ids batched on their last dim) and open it in ONNX Runtime.
+
+    `lengths`: the graph takes one more input, `lens` (B,) int32, each row's length: its recurrent
+    ops then stop each row at its own length (ONNX's `sequence_lens`).
+    """
+    c = model.config
+    lstm = c.arch == "lstm"
+    batch = ids.shape[-1]
+    zero = torch.zeros(c.num_layers, batch, c.hidden_size)
+    names = ["ids", "h", "c"] if lstm else ["ids", "h"]
+    outputs = ["logits", "h_out", "c_out"] if lstm else ["logits", "h_out"]
+    ids_axes = {0: "B"} if ids.dim() == 1 else {0: "T", 1: "B"}
+    axes = {"ids": ids_axes, "logits": {0: "B"}, **{n: {1: "B"} for n in (*names[1:], *outputs[1:])}}
+    training = model.training
+    model.eval()  # export traces in eval mode, then restores the wrapper's mode on every submodule
+    try:
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter announces its own deprecation
+            path = Path(tmp) / "kernel.onnx"
+            wrapper = _Exportable(fn, lstm).eval()
+            torch.onnx.export(
+                wrapper, (ids, *((zero,) * (2 if lstm else 1))), str(path), input_names=names, output_names=outputs,
+                dynamic_axes=axes, dynamo=False,
+            )  # fmt: skip
+            graph = onnx.load(str(path))
+    finally:
+        model.train(training)
+    if lengths:
+        graph.graph.input.append(onnx.helper.make_tensor_value_info("lens", onnx.TensorProto.INT32, ["B"]))
+        for node in graph.graph.node:
+            if node.op_type in RECURRENT_OPS:
+                node.input[4] = "lens"  # sequence_lens
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle between calls: no busy-wait
+    return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _feed(state: State) -> dict[str, np.ndarray]:
+    return dict(zip(("h", "c"), (t.contiguous().numpy() for t in state_parts(state)), strict=False))
+
+
+def _unpack(outputs: list[np.ndarray]) -> tuple[Tensor, State]:
+    logits, *parts = (torch.from_numpy(o) for o in outputs)
+    return logits, (parts[0], parts[1]) if len(parts) == 2 else parts[0]
 
 
 class OnnxStep:
+    """The fused decoding step (FusedStep) run by ONNX Runtime."""
+
     def __init__(self, model: CharRNN, threads: int = 0) -> None:
-        self.lstm = model.config.arch == "lstm"
-        c = model.config
-        batch = 8
-        args: tuple[Tensor, ...] = (
-            torch.zeros(batch, dtype=torch.long),
-            *((torch.zeros(c.num_layers, batch, c.hidden_size),) * (2 if self.lstm else 1)),
-        )
-        names = ["ids", "h", "c"] if self.lstm else ["ids", "h"]
-        outputs = ["logits", "h_out", "c_out"] if self.lstm else ["logits", "h_out"]
-        axes = {"ids": {0: "B"}, "logits": {0: "B"}, **{n: {1: "B"} for n in (*names[1:], *outputs[1:])}}
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter announces its own deprecation
-            path = Path(tmp) / "step.onnx"
-            torch.onnx.export(
-                _Exportable(FusedStep(model), self.lstm), args, str(path), input_names=names, output_names=outputs,
-                dynamic_axes=axes, dynamo=False,
-            )  # fmt: skip
-            onnx_bytes = path.read_bytes()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle between steps: no busy-wait
-        self.session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+        self.session = _session(model, FusedStep(model), torch.zeros(8, dtype=torch.long), threads)
 
     def __call__(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
         """ids (B,) -> logits (B, V) and the next state, as FusedStep."""
-        feed: dict[str, np.ndarray] = {"ids": ids.numpy()}
-        if self.lstm:
-            h, c = state
-            feed.update(h=h.contiguous().numpy(), c=c.contiguous().numpy())
-            logits, h2, c2 = self.session.run(None, feed)
-            return torch.from_numpy(logits), (torch.from_numpy(h2), torch.from_numpy(c2))
-        feed["h"] = state.contiguous().numpy()  # type: ignore[union-attr]
-        logits, h2 = self.session.run(None, feed)
-        return torch.from_numpy(logits), torch.from_numpy(h2)
+        return _unpack(self.session.run(None, {"ids": ids.numpy(), **_feed(state)}))
+
+
+class _LastLogits(nn.Module):
+    """A whole sequence -> the logits after its last id, and the state there."""
+
+    def __init__(self, model: CharRNN) -> None:
+        super().__init__()
+        self.model = model  # a submodule: its weights export as the graph's initializers
+
+    def forward(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
+        _, after = self.model.rnn(self.model.embed(ids), state)  # (L, B, H) each
+        return self.model.head(state_parts(after)[0][-1]), after  # from the top layer's last output (B, V)
+
+
+class OnnxPrefill:
+    """Reads several prompts at once with the whole-sequence recurrent ops, each row to its own length."""
+
+    def __init__(self, model: CharRNN, threads: int = 0) -> None:
+        ids = torch.zeros(4, 2, dtype=torch.long)
+        self.session = _session(model, _LastLogits(model), ids, threads, lengths=True)
+
+    def __call__(self, rows: list[list[int]], state: State) -> tuple[Tensor, State]:
+        """rows (B lists of ids, none empty) from `state` (batch B) -> the logits after each row's
+        last id (B, V) and the state there."""
+        ids = np.zeros((max(len(r) for r in rows), len(rows)), dtype=np.int64)  # (T, B), padded
+        for j, row in enumerate(rows):
+            ids[: len(row), j] = row
+        lens = np.array([len(r) for r in rows], dtype=np.int32)
+        return _unpack(self.session.run(None, {"ids": ids, "lens": lens, **_feed(state)}))

@@ -95,8 +95,9 @@ class Slow:
 
 
 def slow_down(monkeypatch: pytest.MonkeyPatch, engine: ModelEngine, delay: float) -> None:
-    """Every engine step of this model (prefill chunks and decoding) takes at least `delay` seconds."""
+    """Every engine step of this model (prompt reads and decoding) takes at least `delay` seconds."""
     monkeypatch.setattr(engine, "model", Slow(engine.model, delay))
+    monkeypatch.setattr(engine, "reader", Slow(engine.reader, delay))
     if getattr(engine, "fused", None) is not None:
         monkeypatch.setattr(engine, "fused", Slow(engine.fused, delay))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -350,15 +351,20 @@ def test_a_bad_authorization_header_closes_with_1008(keyed_server: LiveServer, h
         assert close_code_of(ws) == 1008
 
 
+def greedy_session(server: LiveServer, model: str) -> tuple[str, str, Message]:
+    """A session of 5 greedy characters after "A": (their text, its id, what GET /sessions/{id} says)."""
+    with open_ws(server) as ws:
+        start, done = generate_ws(ws, model=model, strategy="greedy", prompt="A", max_tokens=5)
+    session = done["session_id"]
+    return start, session, httpx.get(f"{server.url}/sessions/{session}").json()
+
+
 def test_a_continued_session_abandoned_mid_stream_ends_at_the_last_character_sent(
     live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = engine_of(live_server, "tiny-rnn")
     greedy = {"model": "tiny-rnn", "strategy": "greedy"}
-    with open_ws(live_server) as ws:
-        start, done = generate_ws(ws, **greedy, prompt="A", max_tokens=5)
-    session = done["session_id"]
-    before = httpx.get(f"{live_server.url}/sessions/{session}").json()
+    start, session, before = greedy_session(live_server, "tiny-rnn")
     slow_down(monkeypatch, engine, 0.3)  # the next character is 0.3 s away
     with open_ws(live_server) as ws:
         send(ws, {"type": "generate", **greedy, "max_tokens": 50, "session_id": session})
@@ -372,6 +378,44 @@ def test_a_continued_session_abandoned_mid_stream_ends_at_the_last_character_sen
     assert full.startswith(start + seen["text"])
     assert after["tail"].endswith(start + seen["text"])
     assert after["chars"] == before["chars"] + len(seen["text"])
+
+
+def test_a_session_abandoned_before_its_first_character_keeps_the_prompt_and_nothing_else(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_of(live_server, "tiny-lstm")
+    start, session, before = greedy_session(live_server, "tiny-lstm")
+    fork = httpx.post(f"{live_server.url}/sessions/{session}/fork").json()["session_id"]
+    # the client goes away while the prompt is read: the read makes the first character, never sent
+    entered, go = threading.Event(), threading.Event()
+    reader = engine.reader
+
+    def gated(*args: Any) -> Any:
+        entered.set()
+        go.wait(10)
+        return reader(*args)
+
+    monkeypatch.setattr(engine, "reader", gated)
+    with open_ws(live_server) as ws:
+        send(ws, {"type": "generate", "model": "tiny-lstm", "prompt": "B", "max_tokens": 50, "session_id": session})
+        assert entered.wait(10)
+    assert wait_for(lambda: all(s.seq.cancelled for s in engine.streams))
+    go.set()
+    assert wait_for(lambda: engine.load == 0)
+    assert wait_for(lambda: httpx.get(f"{live_server.url}/sessions/{session}").json()["chars"] != before["chars"])
+    after = httpx.get(f"{live_server.url}/sessions/{session}").json()
+    monkeypatch.undo()
+    assert after["chars"] == before["chars"] + 1
+    assert after["tail"].endswith(start + "B")
+
+    # going on from it is going on from "B" fed to the untouched copy
+    def per_char(text: str, session_id: str) -> list[float]:
+        body = {"model": "tiny-lstm", "text": text, "session_id": session_id, "per_char": True}
+        r = httpx.post(f"{live_server.url}/score", json=body)
+        assert r.status_code == 200, r.text
+        return [c["logprob"] for c in r.json()["per_char"]]
+
+    assert per_char("ROMEO", session) == pytest.approx(per_char("BROMEO", fork)[1:], abs=1e-5)
 
 
 def test_an_error_after_tokens_is_an_error_message_and_the_socket_stays_usable(

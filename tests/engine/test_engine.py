@@ -22,6 +22,7 @@ from app.engine.engine import (
     ModelEngine,
     RowSampler,
     Stream,
+    read_min_rows,
     row_multiple,
     trip_budget,
 )
@@ -329,7 +330,11 @@ def test_abort_frees_the_slot_at_the_next_step(tiny_model: Callable[..., CharRNN
     assert at_abort < left <= at_abort + 2
     assert len(result.ids) == left - 1  # the step that drops it decodes nothing for it
     assert "".join(pieces) == vocab.decode(result.ids)
-    assert result.state is not None  # it had started decoding: it can be continued
+    # it had started decoding: it can be continued, from the state before its last character (its
+    # neighbour's step did not feed it)
+    _, ref = model(torch.tensor([vocab.bos, *vocab.encode("A"), *result.ids[:-1]]).view(-1, 1))
+    assert_states_close(result.state, ref)
+    assert result.pending == result.ids[-1]
     assert other_result.ids == other_alone.ids  # its neighbour never noticed
 
 
@@ -560,7 +565,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(
     for r in (ra, rb):
         assert r.finish_reason == "cancelled"
         assert r.state is None
-        assert len(r.ids) == 4  # what the four good steps made is kept
+        assert len(r.ids) == 5  # kept: the first character (from the prompt) and what the four good steps made
     assert rc.finish_reason == "length" and "".join(pieces) == vocab.decode(rc.ids) and len(rc.ids) == 20
     assert load == 0
     assert "engine step failed for model tiny" in caplog.text
@@ -718,4 +723,99 @@ def test_the_sampling_columns_are_rebuilt_only_when_the_batch_changes(
     results = run(main())
     assert [len(r.ids) for r in results] == [30, 60]
     # both rows join (one or two batches), then the first leaves: a handful of builds for 60 steps
-    assert 2 <= len(built) <= 3 and built[-1] == 1
+    # one per prompt for its first character (one or two reads), then the batch's: both rows join, the
+    # first leaves; a handful of builds for 60 steps
+    assert 3 <= len(built) <= 5 and built[-1] == 1
+
+
+class RowwiseReader:
+    """A prompt reader of elementwise operations only, carrying its state exactly across calls;
+    `drift` > 0 makes a row depend on the batch size, `single_drift` > 0 makes a lone row differ,
+    `split_drift` > 0 makes two calls differ from one."""
+
+    def __init__(self, model: CharRNN, drift: float = 0.0, single_drift: float = 0.0, split_drift: float = 0.0) -> None:
+        self.model, self.drift, self.single_drift, self.split_drift = model, drift, single_drift, split_drift
+
+    def __call__(self, rows: list[list[int]], state: State) -> tuple[torch.Tensor, State]:
+        h = state[0] if isinstance(state, tuple) else state
+        scale = torch.tensor([0.5 ** len(row) * (1 + self.split_drift * len(row) ** 2) for row in rows])
+        h = h * scale.view(1, -1, 1)  # halving is exact: two calls give the bits of one
+        logits = h[-1][:, :1] * self.model.head.weight[:, 0] + self.drift * len(rows)
+        if len(rows) == 1:
+            logits = logits + self.single_drift
+        return logits, (h, h) if isinstance(state, tuple) else h
+
+
+def test_prompts_are_read_together_only_where_a_row_cannot_depend_on_the_others(
+    tiny_model: Callable[..., CharRNN],
+) -> None:
+    model = tiny_model("gru")
+    assert read_min_rows(RowwiseReader(model), model) == 1
+    assert read_min_rows(RowwiseReader(model, single_drift=1e-3), model) == 2
+    assert read_min_rows(RowwiseReader(model, drift=1e-3), model) == 0
+    assert read_min_rows(RowwiseReader(model, split_drift=1e-3), model) == 0
+
+
+@pytest.mark.parametrize("arch", ["lstm", "gru", "rnn"])
+def test_a_burst_of_prompts_is_read_in_one_call_with_the_results_of_each_alone(
+    arch: str, tiny_model: Callable[..., CharRNN], vocab: Vocab, tiny_text: str
+) -> None:
+    model = tiny_model(arch)
+    reqs = [request(vocab, tiny_text[i * 5 : i * 5 + 10 + 7 * i], 15, SamplingParams(), seed=i) for i in range(6)]
+    calls: list[int] = []
+
+    async def main() -> tuple[list[GenerationResult], list[GenerationResult], bool]:
+        solo = [(await alone(model, vocab, r, "onnx"))[1] for r in reqs]
+        engine = make_engine(model, vocab, step="onnx", prefill_chunk=16)
+        reader = engine.reader
+
+        def counted(rows: list[list[int]], state: State) -> tuple[torch.Tensor, State]:
+            calls.append(len(rows))
+            return reader(rows, state)
+
+        engine.reader = counted
+        async with started(engine):
+            together = await asyncio.gather(*(collect(engine.submit(r)) for r in reqs))
+        return solo, [r for _, r in together], engine.read_rows == (2 if arch == "rnn" else 1)
+
+    solo, together, batched = run(main())
+    assert batched
+    # 11 to 46 ids per prompt, 16 of each per call (the step's budget, 64, over 6 rows is less):
+    # every prompt in the first call, then those still reading
+    assert calls == [6, 5, 2]
+    assert [r.ids for r in together] == [r.ids for r in solo]
+    for a, b in zip(together, solo, strict=True):
+        assert_states_equal(a.state, b.state)
+
+
+@pytest.mark.parametrize("step", ["torch", "onnx"])
+def test_a_prompt_gives_its_first_character_without_a_decoding_step(
+    step: str, tiny_model: Callable[..., CharRNN], vocab: Vocab
+) -> None:
+    model = tiny_model("lstm")
+    steps: list[int] = []
+
+    async def main() -> tuple[GenerationResult, GenerationResult, GenerationResult]:
+        engine = make_engine(model, vocab, step=step)
+        fused = engine.fused
+
+        def counted(ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+            steps.append(len(ids))
+            assert fused is not None
+            return fused(ids, state)
+
+        engine.fused = counted
+        async with started(engine):
+            one = (await collect(engine.submit(request(vocab, "ROMEO:", 1))))[1]
+            stepped = len(steps)
+            empty = (await collect(engine.submit(request(vocab, "", 1))))[1]
+            three = (await collect(engine.submit(request(vocab, "ROMEO:", 3))))[1]
+        assert stepped == 0 and len(steps) == 1 + 2  # the empty prompt's character, then the two after the first
+        return one, empty, three
+
+    one, empty, three = run(main())
+    assert len(one.ids) == len(empty.ids) == 1 and three.ids[:1] == one.ids
+    # the state after the prompt, before its first character (the pending input of the next step)
+    _, ref = model(torch.tensor([vocab.bos, *vocab.encode("ROMEO:")]).view(-1, 1))
+    assert_states_close(one.state, ref)
+    assert one.pending == one.ids[0]

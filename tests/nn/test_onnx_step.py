@@ -1,0 +1,54 @@
+"""The ONNX Runtime kernels: the decoding step and the prompt reader agree with the torch model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from app.nn import ARCHS, CharRNN, FusedStep, select_state, state_parts
+from app.nn.onnx_step import OnnxPrefill, OnnxStep
+
+
+def _random_state(model: CharRNN, batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    c = model.config
+    return tuple(torch.randn(c.num_layers, batch, c.hidden_size, generator=g) for _ in state_parts(model.zero_state()))
+
+
+def _state(parts: tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return (parts[0], parts[1]) if len(parts) == 2 else parts[0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@torch.inference_mode()
+def test_the_onnx_step_equals_the_fused_step(arch: str, tiny_model: Callable[..., CharRNN]) -> None:
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(1)
+    state = _state(_random_state(model, 5, g))
+    ids = torch.randint(0, model.config.vocab_size, (5,), generator=g)
+    logits, after = OnnxStep(model)(ids, state)
+    ref_logits, ref_after = FusedStep(model)(ids, state)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(state_parts(after), state_parts(ref_after), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@torch.inference_mode()
+def test_the_prompt_reader_reads_each_row_to_its_own_length(arch: str, tiny_model: Callable[..., CharRNN]) -> None:
+    model = tiny_model(arch)
+    assert not model.training
+    g = torch.Generator().manual_seed(2)
+    lengths = [1, 9, 4, 17]
+    rows = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    state = _state(_random_state(model, len(rows), g))
+    logits, after = OnnxPrefill(model)(rows, state)
+    assert logits.shape == (len(rows), model.config.vocab_size)
+    assert not model.training, "exporting left the model in training mode"
+    for i, row in enumerate(rows):
+        ref_logits, ref_after = model(torch.tensor(row).view(-1, 1), select_state(state, torch.tensor([i])))
+        torch.testing.assert_close(logits[i], ref_logits[-1, 0], rtol=1e-5, atol=1e-5)
+        mine = select_state(after, torch.tensor([i]))
+        for a, b in zip(state_parts(mine), state_parts(ref_after), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
