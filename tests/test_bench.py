@@ -36,7 +36,10 @@ def test_bench_measures_both_engines_and_writes_the_tables(tmp_path: Path, monke
     phases = results["batched"]["phases"]["4"]
     assert phases["step"] > 0 and phases["choose"] > 0 and phases["prefill"] > 0
     assert sum(phases.values()) <= 1.05  # shares of one thread's wall time
-    assert data["reference"][0]["bound_chars_per_s"] > 0 and data["reference"][0]["served_streams"] == 4
+    ref = data["reference"][0]
+    assert ref["bound_chars_per_s"] > 0 and ref["served_streams"] == 4
+    # quick: 100 characters after a 100-character prompt, so twice as many characters through the network
+    assert ref["processed_chars_per_s"] == pytest.approx(2 * ref["served_chars_per_s"])
     text = readme.read_text()
     assert "old" not in text
     assert "| tiny-lstm | aggregate chars/s, 4 streams |" in text and "| tiny-lstm | continue after 1,000 chars" in text
