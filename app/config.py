@@ -37,7 +37,9 @@ class Settings(BaseSettings):
         "batched", description="'naive': the unbatched baseline of `rnnserve bench` (one request at a time)."
     )
     step: Literal["onnx", "torch"] = Field(
-        "onnx", description="Decoding step: the fused step run by ONNX Runtime ('onnx') or by torch ('torch')."
+        "onnx",
+        description="Kernels of the batched engine: ONNX Runtime's ('onnx': the fused step, prompts read "
+        "together) or torch's ('torch': the fused step, prompts read one at a time).",
     )
     step_budget_ms: float = Field(
         20.0,
