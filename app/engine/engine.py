@@ -34,9 +34,10 @@ STEP_BUDGET_S = 0.02
 # parsed by the client): a trip lasts at least this long per running row, so a full batch sends
 # about 2,000 events a second, however many rows it has.
 TRIP_S_PER_ROW = 0.0005
-# A step reads at most this many chunks' worth of prompt characters, over all the streams still
-# reading theirs (round robin): a burst of new requests then neither stalls the running streams for
-# long nor waits for all the others' prompts before its first character.
+# A step reads about this many chunks' worth of prompt characters, over all the streams still
+# reading theirs (together where one call can read them all, else one at a time, round robin): a
+# burst of new requests then neither stalls the running streams for long nor waits for all the
+# others' prompts before its first character.
 PREFILL_CHUNKS_PER_STEP = 4
 # Where prompts are read together (each row to its own length, in one call), each takes at least
 # this many characters per step, however many there are.
@@ -284,7 +285,7 @@ class ModelEngine:
             stream.seq.cancel()
             stream.seq.finish(None)  # the prompt was not fully read: no state to continue from
             touched.append(stream)
-        ready, read = self._read_prompts() if self.prefilling else ([], [])
+        ready, ended = self._read_prompts() if self.prefilling else ([], [])
         self._join(ready)  # nothing to read: the step makes their first character
         for stream in self.running:
             if stream.seq.cancelled:
@@ -296,14 +297,14 @@ class ModelEngine:
         touched += self._leave()
         # a prompt read to its end gave its first character: the row joins after this step's decode,
         # so that character goes out now
-        for stream in read:
+        for stream in ended:
             seq = stream.seq
             if seq.finish_reason is not None:
                 assert seq.state is not None
                 seq.started(seq.state)
                 seq.finish(seq.state)
                 touched.append(stream)
-        self._join([s for s in read if s.seq.finish_reason is None])
+        self._join([s for s in ended if s.seq.finish_reason is None])
         touched.extend(self.running)
         return touched
 
@@ -368,15 +369,15 @@ class ModelEngine:
             seq.state = select_state(state, torch.tensor([i]))
             if not seq.to_prefill:
                 ended.append(i)
-        read = time.perf_counter()
-        self.spent["prefill"] += read - start
+        done_reading = time.perf_counter()
+        self.spent["prefill"] += done_reading - start
         if ended:
             first = [seqs[i] for i in ended]
             chosen = RowSampler(first).choose(logits[ended])
             for i, seq, nxt in zip(ended, first, chosen, strict=True):
                 seq.advance(logits[i], nxt)
             self.chars_made.inc(len(ended))
-            self.spent["choose"] += time.perf_counter() - read
+            self.spent["choose"] += time.perf_counter() - done_reading
         return [streams[i] for i in ended]
 
     def _decode_one(self) -> None:

@@ -65,10 +65,12 @@ def _session(model: CharRNN, fn: Callable[[Tensor, State], tuple[Tensor, State]]
     finally:
         model.train(training)
     if lengths:
+        recurrent = [node for node in graph.graph.node if node.op_type in RECURRENT_OPS]
+        if len(recurrent) != c.num_layers:
+            raise RuntimeError(f"expected one recurrent op per layer in the exported graph, found {len(recurrent)}")
         graph.graph.input.append(onnx.helper.make_tensor_value_info("lens", onnx.TensorProto.INT32, ["B"]))
-        for node in graph.graph.node:
-            if node.op_type in RECURRENT_OPS:
-                node.input[4] = "lens"  # sequence_lens
+        for node in recurrent:
+            node.input[4] = "lens"  # sequence_lens
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
