@@ -18,7 +18,7 @@ from app.engine.inspect import Trace, inspect
 from app.engine.sampling import draw, filter_logits
 from app.engine.sequence import GenerationRequest, GenerationResult, Sequence
 from app.errors import OverloadedError, UnavailableError
-from app.nn import CharRNN, FusedStep, State, select_state, stack_states, state_parts
+from app.nn import CharRNN, FusedStep, State, select_state, stack_states, state_from_parts, state_parts
 
 log = logging.getLogger(__name__)
 
@@ -532,8 +532,7 @@ def make_reader(model: CharRNN, kind: str) -> Reader:
 
 def _noise_state(model: CharRNN, rows: int, g: torch.Generator) -> State:
     """A state of `rows` rows with values in (-1, 1), as after some text."""
-    parts = tuple(torch.randn(t.shape, generator=g).tanh() for t in state_parts(model.zero_state(rows)))
-    return parts if len(parts) == 2 else parts[0]
+    return state_from_parts([torch.randn(t.shape, generator=g).tanh() for t in state_parts(model.zero_state(rows))])
 
 
 def _same(a: tuple[torch.Tensor, State], b: tuple[torch.Tensor, State]) -> bool:

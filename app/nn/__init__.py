@@ -9,6 +9,7 @@ from app.nn.model import (
     select_state,
     split_state,
     stack_states,
+    state_from_parts,
     state_parts,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "select_state",
     "split_state",
     "stack_states",
+    "state_from_parts",
     "state_parts",
 ]

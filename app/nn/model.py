@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -86,6 +87,11 @@ class CharRNN(nn.Module):
 def state_parts(state: State) -> tuple[Tensor, ...]:
     """The tensors of a state: (h,) for rnn/gru, (h, c) for lstm."""
     return state if isinstance(state, tuple) else (state,)
+
+
+def state_from_parts(parts: Sequence[Tensor]) -> State:
+    """The inverse of state_parts."""
+    return (parts[0], parts[1]) if len(parts) == 2 else parts[0]
 
 
 def stack_states(states: list[State]) -> State:

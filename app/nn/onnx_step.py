@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from app.nn.fused import FusedStep
-from app.nn.model import CharRNN, State, state_parts
+from app.nn.model import CharRNN, State, state_from_parts, state_parts
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 
@@ -50,8 +50,7 @@ def _session(model: CharRNN, fn: Callable[[Tensor, State], tuple[Tensor, State]]
     outputs = ["logits", "h_out", "c_out"] if lstm else ["logits", "h_out"]
     ids_axes = {0: "B"} if ids.dim() == 1 else {0: "T", 1: "B"}
     axes = {"ids": ids_axes, "logits": {0: "B"}, **{n: {1: "B"} for n in (*names[1:], *outputs[1:])}}
-    training = model.training
-    model.eval()  # export traces in eval mode, then restores the wrapper's mode on every submodule
+    training = model.training  # the wrapper's eval() reaches the model; the export leaves it so
     try:
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter announces its own deprecation
@@ -84,7 +83,7 @@ def _feed(state: State) -> dict[str, np.ndarray]:
 
 def _unpack(outputs: list[np.ndarray]) -> tuple[Tensor, State]:
     logits, *parts = (torch.from_numpy(o) for o in outputs)
-    return logits, (parts[0], parts[1]) if len(parts) == 2 else parts[0]
+    return logits, state_from_parts(parts)
 
 
 class OnnxStep:

@@ -10,7 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import Tensor
 
-from app.nn import State, state_parts
+from app.nn import State, state_from_parts, state_parts
 
 TAIL_CHARS = 200
 MAGIC = b"RNS1"
@@ -81,7 +81,7 @@ def decode_state(blob: bytes, arch: str, num_layers: int, hidden_size: int) -> S
             raise ValueError(
                 f"state tensor {name} is {tuple(t.shape)} {t.dtype}, expected ({num_layers}, 1, {hidden_size})"
             )
-    return (tensors["h"], tensors["c"]) if arch == "lstm" else tensors["h"]
+    return state_from_parts([tensors[name] for name in names])
 
 
 def generator_bytes(state: Tensor) -> bytes:

@@ -7,17 +7,12 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from app.nn import ARCHS, CharRNN, FusedStep, select_state, state_parts
+from app.nn import ARCHS, CharRNN, FusedStep, State, select_state, state_from_parts, state_parts
 from app.nn.onnx_step import OnnxPrefill, OnnxStep
 
 
-def _random_state(model: CharRNN, batch: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-    c = model.config
-    return tuple(torch.randn(c.num_layers, batch, c.hidden_size, generator=g) for _ in state_parts(model.zero_state()))
-
-
-def _state(parts: tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    return (parts[0], parts[1]) if len(parts) == 2 else parts[0]
+def _random_state(model: CharRNN, batch: int, g: torch.Generator) -> State:
+    return state_from_parts([torch.randn(t.shape, generator=g) for t in state_parts(model.zero_state(batch))])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -25,7 +20,7 @@ def _state(parts: tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor
 def test_the_onnx_step_equals_the_fused_step(arch: str, tiny_model: Callable[..., CharRNN]) -> None:
     model = tiny_model(arch)
     g = torch.Generator().manual_seed(1)
-    state = _state(_random_state(model, 5, g))
+    state = _random_state(model, 5, g)
     ids = torch.randint(0, model.config.vocab_size, (5,), generator=g)
     logits, after = OnnxStep(model)(ids, state)
     ref_logits, ref_after = FusedStep(model)(ids, state)
@@ -42,7 +37,7 @@ def test_the_prompt_reader_reads_each_row_to_its_own_length(arch: str, tiny_mode
     g = torch.Generator().manual_seed(2)
     lengths = [1, 9, 4, 17]
     rows = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
-    state = _state(_random_state(model, len(rows), g))
+    state = _random_state(model, len(rows), g)
     logits, after = OnnxPrefill(model)(rows, state)
     assert logits.shape == (len(rows), model.config.vocab_size)
     assert not model.training, "exporting left the model in training mode"
