@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -106,8 +108,16 @@ async def stream_once(client: httpx.AsyncClient, url: str, body: dict[str, Any])
 
 async def measure(url: str, mode: str, model: str, history: str, cfg: dict[str, Any]) -> Result:
     res = Result(mode, model)
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    # one client (one connection) per concurrent stream: httpx's pool scans all its connections
+    # for every request, which at 128 streams took most of the benchmark client's CPU, on the
+    # cores the server needs
+    tls = ssl.create_default_context()  # unused over http, made once instead of per client
+    async with contextlib.AsyncExitStack() as clients_open:
+        clients = [
+            await clients_open.enter_async_context(httpx.AsyncClient(timeout=600, verify=tls))
+            for _ in range(max(cfg["concurrency"]))
+        ]
+        client = clients[0]
         prompt = history[:100]
         body = {"model": model, "prompt": prompt, "save_session": False}
         res.prompt_chars, res.per_stream = len(prompt), cfg["per_stream"]
@@ -124,7 +134,10 @@ async def measure(url: str, mode: str, model: str, history: str, cfg: dict[str, 
                 ]
             else:
                 runs = await asyncio.gather(
-                    *(stream_once(client, url, {**body, "max_tokens": cfg["per_stream"], "seed": i}) for i in range(c))
+                    *(
+                        stream_once(clients[i], url, {**body, "max_tokens": cfg["per_stream"], "seed": i})
+                        for i in range(c)
+                    )
                 )
             wall = time.perf_counter() - t0
             after = await engine_seconds(client, url, model)

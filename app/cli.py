@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         t.add_argument(f"--{flag}", type=typ)
     t.add_argument("--time-budget", dest="time_budget_s", type=float, help="seconds of training, then stop")
+    t.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast forward/backward (fast with AMX)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="streaming nats/char and bits/char of a model on a text")

@@ -90,6 +90,31 @@ def test_training_lowers_validation_loss_and_writes_a_loadable_checkpoint(
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["state.json", "state.safetensors"]
 
 
+@pytest.mark.parametrize("arch", ["rnn", "lstm", "gru"])
+def test_bf16_training_learns_and_carries_an_fp32_state(
+    tmp_path: Path, vocab: Vocab, tiny_text: str, arch: str
+) -> None:
+    cfg = _cfg(arch=arch, hidden_size=32, max_steps=60, eval_every=60, precision="bf16")
+    trainer = _trainer(cfg, vocab, tiny_text, tmp_path)
+    before = trainer.evaluate()
+    trainer.train(progress=False)
+
+    assert trainer.evaluate() < before - 0.5
+    assert trainer.carry is not None
+    parts = trainer.carry if isinstance(trainer.carry, tuple) else (trainer.carry,)
+    assert {t.dtype for t in parts} == {torch.float32}
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+
+
+def test_bf16_resume_is_exact(tmp_path: Path, vocab: Vocab, tiny_text: str) -> None:
+    _resume_matches_one_run(tmp_path, vocab, tiny_text, _cfg(arch="lstm", precision="bf16"), half=7)
+
+
+def test_precision_is_checked() -> None:
+    with pytest.raises(ValueError, match="precision must be one of \\['bf16', 'fp32'\\], got 'fp16'"):
+        _cfg(precision="fp16")
+
+
 def test_best_checkpoint_is_not_overwritten_by_a_worse_one(tmp_path: Path, vocab: Vocab, tiny_text: str) -> None:
     trainer = _trainer(_cfg(max_steps=4, eval_every=2), vocab, tiny_text, tmp_path)
     trainer.evaluate = iter([2.0, 3.0]).__next__  # type: ignore[method-assign]
