@@ -142,7 +142,7 @@ async def save_abandoned(job: Job, stream: Stream, svc: Services, handed_out: in
     state = await svc.engine.prefill(job.ckpt, ids[:-1], base)
     truncated = GenerationResult(
         ids=sent, finish_reason="cancelled", state=state, pending=ids[-1],
-        generator_state=result.generator_state, consumed=sent,
+        generator_state=seq.generator_state_after(len(sent)), consumed=sent,
     )  # fmt: skip
     try:
         await save(job, truncated, svc)

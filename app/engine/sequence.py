@@ -64,11 +64,7 @@ class Sequence:
         self.pending = req.ids[-1]  # the input of the next step
         self.origin = state  # the state before the prompt
         self.state = state  # batch 1, or None for a zero state; while running it lives in the batch
-        self.generator = torch.Generator()
-        if req.generator_state is not None:
-            self.generator.set_state(req.generator_state)
-        else:
-            self.generator.manual_seed(req.seed)
+        self.generator = self._first_generator()
         self.stopper = StopChecker(req.stop)
         self.ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
@@ -86,6 +82,23 @@ class Sequence:
     @property
     def params(self) -> SamplingParams:
         return self.req.params
+
+    def _first_generator(self) -> torch.Generator:
+        generator = torch.Generator()
+        if self.req.generator_state is not None:
+            generator.set_state(self.req.generator_state)
+        else:
+            generator.manual_seed(self.req.seed)
+        return generator
+
+    def generator_state_after(self, made: int) -> Tensor:
+        """The sampler's generator state after the first `made` characters: a sampled character
+        takes one uniform draw (as `sampling.choose` and the engine's RowSampler make it)."""
+        generator = self._first_generator()
+        if self.params.strategy == "sample":
+            for _ in range(made):
+                torch.rand(1, generator=generator, dtype=torch.float64)
+        return generator.get_state()
 
     def advance(self, logits: Tensor, nxt: int | None = None) -> None:
         """Take one step's logits (V,); choose the next character unless given (batched greedy)."""

@@ -380,6 +380,30 @@ def test_a_continued_session_abandoned_mid_stream_ends_at_the_last_character_sen
     assert after["chars"] == before["chars"] + len(seen["text"])
 
 
+def test_a_sampled_session_abandoned_mid_stream_goes_on_as_if_never_interrupted(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_of(live_server, "tiny-lstm")
+    sample = {"model": "tiny-lstm", "temperature": 2.0}  # no seed: each request goes on with the stored generator
+    with open_ws(live_server) as ws:
+        _, done = generate_ws(ws, **sample, prompt="A", seed=5, max_tokens=5)
+    session = done["session_id"]
+    fork = httpx.post(f"{live_server.url}/sessions/{session}/fork").json()["session_id"]
+    uninterrupted = generate_http(live_server, **sample, session_id=fork, max_tokens=40)["text"]
+
+    slow_down(monkeypatch, engine, 0.3)  # the client leaves while the engine makes more than it sent
+    with open_ws(live_server) as ws:
+        send(ws, {"type": "generate", **sample, "max_tokens": 40, "session_id": session})
+        seen = recv(ws)
+        assert seen["type"] == "token"
+    assert wait_for(lambda: engine.load == 0)
+    sent = len(seen["text"])
+    assert wait_for(lambda: httpx.get(f"{live_server.url}/sessions/{session}").json()["chars"] == 6 + sent)
+    monkeypatch.undo()
+    rest = generate_http(live_server, **sample, session_id=session, max_tokens=40 - sent)["text"]
+    assert seen["text"] + rest == uninterrupted
+
+
 def test_a_session_abandoned_before_its_first_character_keeps_the_prompt_and_nothing_else(
     live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ TEXT = (
     "ROMEO.\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n\n"
     "JULIET.\nAy me! (she sighs)\n"
 )
+LSTM_HIDDEN = json.loads((Path(__file__).parents[2] / "models/shakespeare-lstm/config.json").read_text())["hidden_size"]
 BACKGROUNDS = """els => els.map(e => getComputedStyle(e).backgroundColor)"""
 
 
@@ -133,12 +135,12 @@ def test_the_cell_state_is_for_lstm_models_only(page: Page) -> None:
 
 def test_api_errors_are_shown_with_the_field_and_range(page: Page) -> None:
     open_explorer(page)
-    page.fill("#ex-unit", "512")
+    page.fill("#ex-unit", str(LSTM_HIDDEN))
     page.click("#ex-inspect")
     error = page.locator("#ex-error")
     expect(error).to_contain_text("422")
     expect(error).to_contain_text("units")
-    expect(error).to_contain_text("0..511")
+    expect(error).to_contain_text(f"0..{LSTM_HIDDEN - 1}")
     page.fill("#ex-unit", "")
     page.fill("#ex-text", "")
     page.click("#ex-inspect")

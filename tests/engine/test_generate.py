@@ -9,6 +9,7 @@ import torch
 
 from app.engine.generate import CHUNK, GenerationRequest, GenerationResult, generate, prefill, prefill_steps, score
 from app.engine.sampling import SamplingParams
+from app.engine.sequence import Sequence
 from app.nn import CharRNN, State
 from app.vocab import Vocab
 
@@ -140,6 +141,23 @@ def test_greedy_2n_in_one_call_equals_n_then_n(
     assert first.ids + second.ids == whole.ids
     assert second.pending == whole.pending
     assert_states_equal(second.state, whole.state)
+
+
+@pytest.mark.parametrize("strategy", ["sample", "greedy"])
+def test_the_generator_state_after_n_characters_is_that_of_a_run_of_n(
+    strategy: str, tiny_model: Callable[..., CharRNN], vocab: Vocab
+) -> None:
+    model, ids, params = tiny_model("gru"), ids_of(vocab, "Before"), SamplingParams(strategy=strategy)
+    runs = {n: gen(model, vocab, ids, n, params, seed=4) for n in (1, 7, 30)}
+    first = Sequence(GenerationRequest(ids=ids, max_tokens=30, params=params, seed=4), vocab.chars, None)
+    for n, run in runs.items():
+        assert torch.equal(first.generator_state_after(n), run.generator_state), n
+    # from a stored generator state (a continuation without a seed), as well
+    go_on = GenerationRequest(ids=[runs[7].pending], max_tokens=23, params=params, seed=0,
+                              generator_state=runs[7].generator_state)  # fmt: skip
+    assert torch.equal(Sequence(go_on, vocab.chars, None).generator_state_after(23), runs[30].generator_state)
+    moved = not torch.equal(runs[1].generator_state, runs[30].generator_state)
+    assert moved == (strategy == "sample")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
