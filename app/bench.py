@@ -108,13 +108,15 @@ async def stream_once(client: httpx.AsyncClient, url: str, body: dict[str, Any])
 
 async def measure(url: str, mode: str, model: str, history: str, cfg: dict[str, Any]) -> Result:
     res = Result(mode, model)
-    # one client (one connection) per concurrent stream: httpx's pool scans all its connections
-    # for every request, which at 128 streams took most of the benchmark client's CPU, on the
-    # cores the server needs
+    # one client per concurrent stream: httpx's pool scans all its connections for every request,
+    # which at 128 streams took most of the benchmark client's CPU, on the cores the server needs.
+    # A new connection per request: one left idle past the server's keep-alive timeout (while the
+    # naive server works through the others) may be closed just as it is reused.
     tls = ssl.create_default_context()  # unused over http, made once instead of per client
+    fresh = httpx.Limits(max_keepalive_connections=0)
     async with contextlib.AsyncExitStack() as clients_open:
         clients = [
-            await clients_open.enter_async_context(httpx.AsyncClient(timeout=600, verify=tls))
+            await clients_open.enter_async_context(httpx.AsyncClient(timeout=600, verify=tls, limits=fresh))
             for _ in range(max(cfg["concurrency"]))
         ]
         client = clients[0]
