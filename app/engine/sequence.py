@@ -93,11 +93,11 @@ class Sequence:
 
     def generator_state_after(self, made: int) -> Tensor:
         """The sampler's generator state after the first `made` characters: a sampled character
-        takes one uniform draw (as `sampling.choose` and the engine's RowSampler make it)."""
+        takes one uniform draw (as `sampling.choose` and the engine's RowSampler make it), and
+        `made` draws at once advance the generator as `made` single draws do."""
         generator = self._first_generator()
         if self.params.strategy == "sample":
-            for _ in range(made):
-                torch.rand(1, generator=generator, dtype=torch.float64)
+            torch.rand(made, generator=generator, dtype=torch.float64)
         return generator.get_state()
 
     def advance(self, logits: Tensor, nxt: int | None = None) -> None:

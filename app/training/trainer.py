@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from app.checkpoint import save_checkpoint
-from app.nn import CharRNN, ModelConfig, State, state_parts
+from app.nn import CharRNN, ModelConfig, State, state_from_parts, state_parts
 from app.training.evaluate import stream_loss
 from app.vocab import Vocab
 
@@ -99,9 +99,7 @@ class StreamBatches:
 
 def detach(state: State) -> State:
     """The state cut from the graph, in fp32 (autocast hands back bf16 states)."""
-    if isinstance(state, tuple):
-        return (state[0].detach().float(), state[1].detach().float())
-    return state.detach().float()
+    return state_from_parts([t.detach().float() for t in state_parts(state)])
 
 
 class Trainer:
@@ -193,7 +191,7 @@ class Trainer:
         self.optim.load_state_dict({"state": state, "param_groups": info["param_groups"]})
         torch.set_rng_state(tensors["rng.torch"])
         carry = [tensors[k] for k in ("carry.0", "carry.1") if k in tensors]
-        self.carry = (carry[0], carry[1]) if len(carry) == 2 else (carry[0] if carry else None)
+        self.carry = state_from_parts(carry) if carry else None
         self.smoothed = info.get("smoothed")
         self.step, self.elapsed = info["step"], info["elapsed"]
         self.best_val, self.curve = info["best_val"], info["curve"]

@@ -148,7 +148,7 @@ def test_the_generator_state_after_n_characters_is_that_of_a_run_of_n(
     strategy: str, tiny_model: Callable[..., CharRNN], vocab: Vocab
 ) -> None:
     model, ids, params = tiny_model("gru"), ids_of(vocab, "Before"), SamplingParams(strategy=strategy)
-    runs = {n: gen(model, vocab, ids, n, params, seed=4) for n in (1, 7, 30)}
+    runs = {n: gen(model, vocab, ids, n, params, seed=4) for n in (1, 7, 30, 300)}
     first = Sequence(GenerationRequest(ids=ids, max_tokens=30, params=params, seed=4), vocab.chars, None)
     for n, run in runs.items():
         assert torch.equal(first.generator_state_after(n), run.generator_state), n

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from app.checkpoint import load_checkpoint
+from app.nn import state_parts
 from app.training.corpus import build
 from app.training.evaluate import stream_loss, text_loss
 from app.training.trainer import StreamBatches, TrainConfig, Trainer, lr_at, train_config_from
@@ -101,8 +102,7 @@ def test_bf16_training_learns_and_carries_an_fp32_state(
 
     assert trainer.evaluate() < before - 0.5
     assert trainer.carry is not None
-    parts = trainer.carry if isinstance(trainer.carry, tuple) else (trainer.carry,)
-    assert {t.dtype for t in parts} == {torch.float32}
+    assert {t.dtype for t in state_parts(trainer.carry)} == {torch.float32}
     assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
 
 
