@@ -89,7 +89,7 @@ def test_wider_beams_score_at_least_greedy_on_tiny_models(
         assert total_logprob(model, vocab, prompt, beam.ids) >= total_logprob(model, vocab, prompt, greedy) - 1e-4
 
 
-SHIPPED_PROMPTS = ("ROMEO:\n", "KING HENRY.\nWhat")
+SHIPPED_PROMPTS = ("ROMEO:\n", "KING HENRY.\nWhat", "JULIET.\n", "To be, or not")
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +109,8 @@ def test_wider_beams_score_at_least_greedy_on_the_shipped_lstm(
         beam, _ = run_beam(model, vocab, prompt, 40, width)
         assert len(beam.ids) == 40
         gains.append(total_logprob(model, vocab, prompt, beam.ids) - shipped_greedy[prompt])
-    # beam search is not exhaustive: a beam may prune the greedy path (width 2 does, for one of these
-    # prompts), but over the prompts a wide one finds likelier text
+    # beam search is not exhaustive: a beam may prune the greedy path and end below it (it can, for
+    # one prompt at some width), but over several prompts a wide one finds likelier text
     assert sum(gains) > 0, gains
 
 
