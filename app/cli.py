@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("hidden-size", int),
         ("num-layers", int),
         ("dropout", float),
+        ("weight-drop", float),
         ("batch-size", int),
         ("seq-len", int),
         ("lr", float),

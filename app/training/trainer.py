@@ -34,6 +34,9 @@ class TrainConfig:
     hidden_size: int = 512
     num_layers: int = 2
     dropout: float = 0.2
+    # DropConnect on the recurrent weights (W_hh), one mask per window as in AWD-LSTM: a
+    # regulariser the fused recurrent kernels keep, unlike dropout on the hidden state
+    weight_drop: float = 0.0
     batch_size: int = 64
     seq_len: int = 128
     lr: float = 2e-3
@@ -53,6 +56,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if not 0.0 <= self.weight_drop < 1.0:
+            raise ValueError(f"weight_drop must be in [0, 1), got {self.weight_drop!r}")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(
@@ -223,6 +228,14 @@ class Trainer:
         }
         save_checkpoint(self.out_dir, self.model, self.vocab, meta)
 
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """The training forward of window `x` from the carried state, its recurrent weights dropped."""
+        if not self.cfg.weight_drop or not self.model.training:
+            return self.model(x, self.carry)
+        p = self.cfg.weight_drop
+        dropped = {n: F.dropout(w, p) for n, w in self.model.named_parameters() if n.startswith("rnn.weight_hh")}
+        return torch.func.functional_call(self.model, dropped, (x, self.carry))
+
     @property
     def finished(self) -> bool:
         out_of_time = self.cfg.time_budget_s is not None and self.elapsed >= self.cfg.time_budget_s
@@ -244,7 +257,7 @@ class Trainer:
             for group in self.optim.param_groups:
                 group["lr"] = lr_at(self.step, cfg, self.elapsed)
             with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-                logits, state = self.model(x, self.carry)
+                logits, state = self.forward(x)
             self.carry = detach(state)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
             self.optim.zero_grad(set_to_none=True)

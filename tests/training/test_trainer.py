@@ -115,6 +115,36 @@ def test_precision_is_checked() -> None:
         _cfg(precision="fp16")
 
 
+@pytest.mark.parametrize("arch", ["rnn", "lstm", "gru"])
+def test_weight_drop_masks_the_recurrent_weights_in_training_only(
+    tmp_path: Path, vocab: Vocab, tiny_text: str, arch: str
+) -> None:
+    trainer = _trainer(_cfg(arch=arch, weight_drop=0.5), vocab, tiny_text, tmp_path)
+    x, _ = trainer.batches.window(0)
+    plain = trainer.model(x)[0]
+    dropped = trainer.forward(x)[0]
+    assert not torch.allclose(dropped, plain)  # training: a different network
+    trainer.forward(x)[0].sum().backward()
+    for name, w in trainer.model.named_parameters():  # the masked weights still learn
+        assert w.grad is not None and w.grad.abs().sum() > 0, name
+    trainer.model.eval()
+    assert torch.equal(trainer.forward(x)[0], trainer.model(x)[0])  # evaluation: the whole weights
+    assert {n for n, _ in trainer.model.named_parameters()} >= {"rnn.weight_hh_l0"}
+
+
+def test_weight_drop_training_learns(tmp_path: Path, vocab: Vocab, tiny_text: str) -> None:
+    trainer = _trainer(_cfg(arch="lstm", hidden_size=32, max_steps=60, eval_every=60, weight_drop=0.3), vocab,
+                       tiny_text, tmp_path)  # fmt: skip
+    before = trainer.evaluate()
+    trainer.train(progress=False)
+    assert trainer.evaluate() < before - 0.5
+
+
+def test_weight_drop_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"weight_drop must be in \[0, 1\), got 1.0"):
+        _cfg(weight_drop=1.0)
+
+
 def test_best_checkpoint_is_not_overwritten_by_a_worse_one(tmp_path: Path, vocab: Vocab, tiny_text: str) -> None:
     trainer = _trainer(_cfg(max_steps=4, eval_every=2), vocab, tiny_text, tmp_path)
     trainer.evaluate = iter([2.0, 3.0]).__next__  # type: ignore[method-assign]
