@@ -140,6 +140,11 @@ def test_weight_drop_training_learns(tmp_path: Path, vocab: Vocab, tiny_text: st
     assert trainer.evaluate() < before - 0.5
 
 
+def test_weight_drop_resume_is_exact(tmp_path: Path, vocab: Vocab, tiny_text: str) -> None:
+    # the masks come from the saved generator: a resumed run draws the ones the whole run would
+    _resume_matches_one_run(tmp_path, vocab, tiny_text, _cfg(arch="lstm", weight_drop=0.3), half=7)
+
+
 def test_weight_drop_is_checked() -> None:
     with pytest.raises(ValueError, match=r"weight_drop must be in \[0, 1\), got 1.0"):
         _cfg(weight_drop=1.0)
