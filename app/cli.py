@@ -45,9 +45,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         start = load_checkpoint(Path(args.init_from))
     previous = start.meta if start else None
-    trainer = Trainer(
-        cfg, Vocab(m["vocab"]), data.text("train"), data.text("val"), out_dir, run_dir, corpus_info, previous
-    )
+    try:
+        trainer = Trainer(
+            cfg, Vocab(m["vocab"]), data.text("train"), data.text("val"), out_dir, run_dir, corpus_info, previous
+        )
+    except ValueError as e:  # a setting this machine cannot run
+        raise SystemExit(f"rnnserve train: {e}") from None
     if args.resume and trainer.load_state():
         print(f"resumed {run_dir} at step {trainer.step} ({trainer.elapsed:.0f}s trained)")
     elif start is not None:
@@ -222,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument(f"--{flag}", type=typ)
     t.add_argument("--time-budget", dest="time_budget_s", type=float, help="seconds of training, then stop")
     t.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast forward/backward (fast with AMX)")
+    t.add_argument("--device", choices=["cpu", "cuda"], help="where training runs (default cpu)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="streaming nats/char and bits/char of a model on a text")

@@ -51,11 +51,12 @@ def table(ckpts: list[Checkpoint]) -> str:
     for c in ckpts:
         cfg, m, t = c.model.config, c.meta.get("metrics", {}), c.meta.get("training", {})
         steps, seen = t.get("steps", 0), t.get("chars_seen", 0)
+        trained = f"{fmt_time(t.get('train_seconds', 0))} on {t.get('hardware', 'CPU')}"
         rows.append(
             f"| {c.name} | {cfg.arch} | {cfg.num_layers} x {cfg.hidden_size} | {c.model.num_parameters:,} "
             f"| {m.get('val_nats_per_char', float('nan')):.3f} | {m.get('val_bits_per_char', float('nan')):.3f} "
             f"| {m.get('test_nats_per_char', float('nan')):.3f} | {m.get('test_bits_per_char', float('nan')):.3f} "
-            f"| {fmt_time(t.get('train_seconds', 0))}, {steps:,} steps, {seen / 1e6:.1f}M chars "
+            f"| {trained}, {steps:,} steps, {seen / 1e6:.1f}M chars "
             f"| {chars_per_second(c):,.0f} |"
         )
     return "\n".join(rows)

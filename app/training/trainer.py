@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 VAL_STREAMS = 16  # validation during training runs the split as 16 parallel streams, for speed
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # autocast dtype of the training forward
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,14 @@ class TrainConfig:
     # "bf16": forward and backward under bfloat16 autocast (fp32 weights, optimizer and
     # evaluation); several times faster on CPUs with AMX/AVX512-BF16, slower on others
     precision: str = "fp32"
+    # where training runs: "cpu", or "cuda" where a GPU is there (the served model runs on CPUs)
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {sorted(DEVICES)}, got {self.device!r}")
         if not 0.0 <= self.weight_drop < 1.0:
             raise ValueError(f"weight_drop must be in [0, 1), got {self.weight_drop!r}")
 
@@ -68,6 +73,21 @@ class TrainConfig:
             num_layers=self.num_layers,
             dropout=self.dropout,
         )
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bfloat16 autocast can run the recurrent kernels on `device` (on a CPU, oneDNN needs
+    AVX512-BF16 or AMX: without them its LSTM refuses bf16)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def hardware(device: torch.device) -> str:
+    """What a run trains on, for the checkpoint's metadata."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{torch.get_num_threads()}-thread CPU"
 
 
 def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
@@ -131,10 +151,18 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.model = CharRNN(cfg.model_config(len(vocab)))
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda needs a GPU that torch can use, and there is none here: use cpu")
+        if cfg.precision == "bf16" and not bf16_supported(self.device):
+            kind = torch.backends.cpu.get_cpu_capability() if self.device.type == "cpu" else "this GPU"
+            raise ValueError(f"precision bf16 needs bfloat16 kernels, which {cfg.device} ({kind}) lacks: use fp32")
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's recurrent kernels use TF32 already
+        self.model = CharRNN(cfg.model_config(len(vocab))).to(self.device)
         self.optim = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.train_ids = torch.tensor(vocab.encode(train_text, unknown="skip"), dtype=torch.long)
-        self.val_ids = torch.tensor(vocab.encode(val_text, unknown="skip"), dtype=torch.long)
+        self.train_ids = torch.tensor(vocab.encode(train_text, unknown="skip"), dtype=torch.long, device=self.device)
+        self.val_ids = torch.tensor(vocab.encode(val_text, unknown="skip"), dtype=torch.long, device=self.device)
         self.batches = StreamBatches(self.train_ids, cfg.batch_size, cfg.seq_len)
         self.step = 0
         self.elapsed = 0.0  # training seconds so far, across resumes
@@ -147,18 +175,21 @@ class Trainer:
 
     def save_state(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"model.{k}": v.contiguous() for k, v in self.model.state_dict().items()}
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         opt = self.optim.state_dict()
         scalars: dict[str, dict[str, Any]] = {}
         for pid, st in opt["state"].items():
             for k, v in st.items():
                 if torch.is_tensor(v):
-                    tensors[f"optim.{pid}.{k}"] = v.contiguous()
+                    tensors[f"optim.{pid}.{k}"] = v
                 else:
                     scalars.setdefault(str(pid), {})[k] = v
         tensors["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)  # dropout masks are drawn there
         if self.carry is not None:
-            tensors.update({f"carry.{j}": t.contiguous() for j, t in enumerate(state_parts(self.carry))})
+            tensors.update({f"carry.{j}": t for j, t in enumerate(state_parts(self.carry))})
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         tmp = self.run_dir / "state.safetensors.tmp"
         save_file(tensors, str(tmp))
         os.replace(tmp, self.run_dir / "state.safetensors")
@@ -195,7 +226,9 @@ class Trainer:
             state.setdefault(int(pid), {}).update(extra)
         self.optim.load_state_dict({"state": state, "param_groups": info["param_groups"]})
         torch.set_rng_state(tensors["rng.torch"])
-        carry = [tensors[k] for k in ("carry.0", "carry.1") if k in tensors]
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        carry = [tensors[k].to(self.device) for k in ("carry.0", "carry.1") if k in tensors]
         self.carry = state_from_parts(carry) if carry else None
         self.smoothed = info.get("smoothed")
         self.step, self.elapsed = info["step"], info["elapsed"]
@@ -216,6 +249,7 @@ class Trainer:
             "chars_seen": seen0 + self.step * self.cfg.batch_size * self.cfg.seq_len,
             "train_seconds": round(seconds0 + self.elapsed, 1),
             "parameters": self.model.num_parameters,
+            "hardware": hardware(self.device),
         }
         if before:
             training["continued_from"] = before
@@ -256,7 +290,7 @@ class Trainer:
             x, y = self.batches.window(i)
             for group in self.optim.param_groups:
                 group["lr"] = lr_at(self.step, cfg, self.elapsed)
-            with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
                 logits, state = self.forward(x)
             self.carry = detach(state)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))

@@ -15,7 +15,8 @@ def test_report_writes_table_samples_and_plot(tmp_path: Path) -> None:
     meta = {
         "metrics": {"val_nats_per_char": 1.5, "val_bits_per_char": 2.164, "test_nats_per_char": 1.6,
                     "test_bits_per_char": 2.308},
-        "training": {"steps": 20, "chars_seen": 163_840, "train_seconds": 120, "batch_size": 64, "seq_len": 128},
+        "training": {"steps": 20, "chars_seen": 163_840, "train_seconds": 120, "batch_size": 64, "seq_len": 128,
+                     "hardware": "NVIDIA H200"},
         "curve": [{"step": 10, "train": 3.0, "val": 2.9}, {"step": 20, "train": 2.5, "val": 2.4}],
     }  # fmt: skip
     save_checkpoint(tmp_path / "m" / "tiny-gru", CharRNN(ModelConfig("gru", len(vocab), 8, 16, 1)), vocab, meta)
@@ -26,7 +27,7 @@ def test_report_writes_table_samples_and_plot(tmp_path: Path) -> None:
     text = readme.read_text()
     assert "old" not in text and text.endswith("tail\n")
     assert "| tiny-gru | gru | 1 x 16 |" in text and "| 1.500 | 2.164 | 1.600 | 2.308 |" in text
-    assert "2 min, 20 steps, 0.2M chars" in text
+    assert "2 min on NVIDIA H200, 20 steps, 0.2M chars" in text
     assert text.count("```\nROMEO:\n") == 3  # greedy, temperature 0.8 and 1.0
     assert "![training and validation loss](docs/curves.png)" in text
     assert (tmp_path / "docs" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,7 @@ from app.checkpoint import load_checkpoint
 from app.nn import state_parts
 from app.training.corpus import build
 from app.training.evaluate import stream_loss, text_loss
-from app.training.trainer import StreamBatches, TrainConfig, Trainer, lr_at, train_config_from
+from app.training.trainer import StreamBatches, TrainConfig, Trainer, bf16_supported, lr_at, train_config_from
 from app.vocab import Vocab
 
 
@@ -86,12 +86,17 @@ def test_training_lowers_validation_loss_and_writes_a_loadable_checkpoint(
     assert ckpt.meta["corpus"] == {"name": "tiny"}
     assert ckpt.meta["training"]["steps"] in (50, 100)
     assert ckpt.meta["training"]["parameters"] == trainer.model.num_parameters
+    assert ckpt.meta["training"]["hardware"] == "1-thread CPU"
     assert ckpt.meta["metrics"]["val_nats_per_char_16_streams"] == pytest.approx(best, abs=1e-4)
     assert ckpt.meta["curve"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["state.json", "state.safetensors"]
 
 
+needs_bf16 = pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no bfloat16 kernels")
+
+
 @pytest.mark.parametrize("arch", ["rnn", "lstm", "gru"])
+@needs_bf16
 def test_bf16_training_learns_and_carries_an_fp32_state(
     tmp_path: Path, vocab: Vocab, tiny_text: str, arch: str
 ) -> None:
@@ -106,6 +111,7 @@ def test_bf16_training_learns_and_carries_an_fp32_state(
     assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
 
 
+@needs_bf16
 def test_bf16_resume_is_exact(tmp_path: Path, vocab: Vocab, tiny_text: str) -> None:
     _resume_matches_one_run(tmp_path, vocab, tiny_text, _cfg(arch="lstm", precision="bf16"), half=7)
 
@@ -113,6 +119,23 @@ def test_bf16_resume_is_exact(tmp_path: Path, vocab: Vocab, tiny_text: str) -> N
 def test_precision_is_checked() -> None:
     with pytest.raises(ValueError, match="precision must be one of \\['bf16', 'fp32'\\], got 'fp16'"):
         _cfg(precision="fp16")
+
+
+@pytest.mark.skipif(bf16_supported(torch.device("cpu")), reason="this CPU has bfloat16 kernels")
+def test_bf16_is_refused_where_the_cpu_lacks_it(tmp_path: Path, vocab: Vocab, tiny_text: str) -> None:
+    with pytest.raises(ValueError, match=r"precision bf16 needs bfloat16 kernels, which cpu \(\w+\) lacks: use fp32"):
+        _trainer(_cfg(precision="bf16"), vocab, tiny_text, tmp_path)
+
+
+def test_device_is_checked() -> None:
+    with pytest.raises(ValueError, match="device must be one of \\['cpu', 'cuda'\\], got 'tpu'"):
+        _cfg(device="tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_is_refused_without_a_gpu(tmp_path: Path, vocab: Vocab, tiny_text: str) -> None:
+    with pytest.raises(ValueError, match="device cuda needs a GPU that torch can use, and there is none here"):
+        _trainer(_cfg(device="cuda"), vocab, tiny_text, tmp_path)
 
 
 @pytest.mark.parametrize("arch", ["rnn", "lstm", "gru"])
