@@ -93,7 +93,8 @@ def plot(ckpts: list[Checkpoint], path: Path) -> None:
         x = [p["step"] * per_step for p in curve]
         ax.plot(x, [p["train"] for p in curve], "--", color=colour, label=f"{c.name} train")
         ax.plot(x, [p["val"] for p in curve], "-", color=colour, label=f"{c.name} validation")
-    ax.set_xlabel("training characters (millions)")
+    ax.set_xscale("log")  # runs from minutes on CPUs to a GPU's hundreds of millions of characters
+    ax.set_xlabel("training characters (millions, log scale)")
     ax.set_ylabel("nats/char")
     lowest = min((min(p["train"], p["val"]) for c in ckpts for p in c.meta.get("curve", [])), default=1.3)
     ax.set_ylim(min(1.2, lowest - 0.1), 2.6)
