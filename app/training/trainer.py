@@ -51,7 +51,7 @@ class TrainConfig:
     seed: int = 1337
     threads: int = 0  # 0: torch's default
     # "bf16": forward and backward under bfloat16 autocast (fp32 weights, optimizer and
-    # evaluation); several times faster on CPUs with AMX/AVX512-BF16, slower on others
+    # evaluation); several times faster on CPUs with AMX, refused on CPUs without bfloat16 kernels
     precision: str = "fp32"
     # where training runs: "cpu", or "cuda" where a GPU is there (the served model runs on CPUs)
     device: str = "cpu"
