@@ -208,7 +208,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__} (CPU)"
+    # the vector unit tells apart machines that share a model name (an EPYC with AVX512 or with AVX2 only)
+    simd = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu} ({simd}), {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def ratio(new: float, old: float) -> str:
