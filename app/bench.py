@@ -24,6 +24,14 @@ from app.metrics import PHASES
 from app.readme import write_section
 
 CONCURRENCY = (1, 8, 32, 128)
+# the servers measured, one after another, and their settings: the naive baseline, then rnnserve on
+# the checkpoint's fp32 weights and on 8-bit weights (RNNSERVE_WEIGHTS=int8)
+MODES = {
+    "naive": {"RNNSERVE_ENGINE": "naive"},
+    "batched": {"RNNSERVE_ENGINE": "batched"},
+    "int8": {"RNNSERVE_ENGINE": "batched", "RNNSERVE_WEIGHTS": "int8"},
+}
+SERVED = ("batched", "int8")  # the modes that are rnnserve's engine
 HISTORIES = (100, 100_000)
 FALLBACK_TEXT = (
     "Tomorrow, and tomorrow, and tomorrow,\nCreeps in this petty pace from day to day,\n"
@@ -187,15 +195,16 @@ def phase_table(results: list[Result]) -> str:
     names = {"step": "decoding step", "choose": "choosing characters", "prefill": "reading prompts",
              "bookkeeping": "batch bookkeeping"}  # fmt: skip
     lines = [
-        "| model | streams | " + " | ".join(names[p] for p in PHASES) + " | compute thread idle |",
-        "|---|---:|" + "---:|" * (len(PHASES) + 1),
+        "| model | weights | streams | " + " | ".join(names[p] for p in PHASES) + " | compute thread idle |",
+        "|---|---|---:|" + "---:|" * (len(PHASES) + 1),
     ]
     for r in results:
-        if r.mode != "batched":
+        if r.mode not in SERVED:
             continue
+        weights = "int8" if r.mode == "int8" else "fp32"
         for c, shares in r.phases.items():
             cells = " | ".join(f"{shares[p]:.0%}" for p in PHASES)
-            lines.append(f"| {r.model} | {c} | {cells} | {max(0.0, 1 - sum(shares.values())):.0%} |")
+            lines.append(f"| {r.model} | {weights} | {c} | {cells} | {max(0.0, 1 - sum(shares.values())):.0%} |")
     return "\n".join(lines)
 
 
@@ -220,33 +229,39 @@ def ratio(new: float, old: float) -> str:
 def table(results: list[Result]) -> str:
     by = {(r.mode, r.model): r for r in results}
     lines = [
-        "| model | metric | naive | rnnserve | rnnserve / naive |",
-        "|---|---|---:|---:|---:|",
+        "| model | metric | naive | rnnserve | rnnserve / naive | rnnserve, int8 weights | int8 / naive |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for model in dict.fromkeys(r.model for r in results):
-        n, b = by[("naive", model)], by[("batched", model)]
-        rows: list[tuple[str, Any, Any, bool]] = [
-            ("single-stream chars/s", n.single_chars_per_s, b.single_chars_per_s, True)
+        naive, *served = (by[(mode, model)] for mode in MODES)
+        first = served[0]
+        # (metric, the Result field holding it, its key there, whether higher is better)
+        metrics: list[tuple[str, str, Any, bool]] = [("single-stream chars/s", "single_chars_per_s", None, True)]
+        metrics += [
+            (f"aggregate chars/s, {c} streams", "aggregate_chars_per_s", c, True) for c in first.aggregate_chars_per_s
         ]
-        rows += [
-            (f"aggregate chars/s, {c} streams", n.aggregate_chars_per_s[c], b.aggregate_chars_per_s[c], True)
-            for c in b.aggregate_chars_per_s
-        ]
-        for c in b.ttfc_ms:
-            rows.append((f"first char p50 / p99 ms, {c} streams", n.ttfc_ms[c], b.ttfc_ms[c], False))
-        rows += [
-            (f"continue after {h:,} chars, ms", n.continuation_ms[h], b.continuation_ms[h], False)
-            for h in b.continuation_ms
-        ]
-        for name, old, new, higher_better in rows:
-            if isinstance(old, tuple) and isinstance(new, tuple):
-                cells = f"{old[0]:,.0f} / {old[1]:,.0f} | {new[0]:,.0f} / {new[1]:,.0f} | {ratio(old[1], new[1])}"
-            else:
-                assert isinstance(old, float) and isinstance(new, float)
-                r = ratio(new, old) if higher_better else ratio(old, new)
-                cells = f"{old:,.0f} | {new:,.0f} | {r}"
-            lines.append(f"| {model} | {name} | {cells} |")
+        metrics += [(f"first char p50 / p99 ms, {c} streams", "ttfc_ms", c, False) for c in first.ttfc_ms]
+        metrics += [(f"continue after {h:,} chars, ms", "continuation_ms", h, False) for h in first.continuation_ms]
+        for name, attribute, key, higher_better in metrics:
+            old = _value(naive, attribute, key)
+            cells = [_cell(old)]
+            for r in served:
+                new = _value(r, attribute, key)
+                if isinstance(old, tuple):  # latency percentiles: the ratio of the p99s
+                    cells += [_cell(new), ratio(old[1], new[1])]
+                else:
+                    cells += [_cell(new), ratio(new, old) if higher_better else ratio(old, new)]
+            lines.append(f"| {model} | {name} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def _value(r: Result, attribute: str, key: Any) -> Any:
+    found = getattr(r, attribute)
+    return found if key is None else found[key]
+
+
+def _cell(value: float | tuple[float, float]) -> str:
+    return f"{value[0]:,.0f} / {value[1]:,.0f}" if isinstance(value, tuple) else f"{value:,.0f}"
 
 
 def run(
@@ -267,8 +282,8 @@ def run(
     test_split = Path("data/shakespeare/test.txt")
     history = test_split.read_text() if test_split.exists() else FALLBACK_TEXT
     results = []
-    for mode in ("naive", "batched"):
-        server = Server({"RNNSERVE_ENGINE": mode, "RNNSERVE_MODELS_DIR": str(models_dir), "RNNSERVE_MAX_QUEUE": "512"})
+    for mode, settings in MODES.items():
+        server = Server({**settings, "RNNSERVE_MODELS_DIR": str(models_dir), "RNNSERVE_MAX_QUEUE": "512"})
         try:
             server.wait_ready()
             for model in models:
@@ -297,14 +312,16 @@ def reference(model_dir: Path, results: list[Result], steps: int = 300) -> dict[
 
     ckpt = load_checkpoint(model_dir)
     model, cfg = ckpt.model, ckpt.model.config
-    step = OnnxStep(model, threads=torch.get_num_threads())
-    ort_rate = {}
-    for batch in (1, 32, 128):
-        ids, state = torch.zeros(batch, dtype=torch.long), model.zero_state(batch)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            _, state = step(ids, state)
-        ort_rate[batch] = batch * steps / (time.perf_counter() - t0)
+    ort_rate: dict[str, dict[int, float]] = {}
+    for weights in ("fp32", "int8"):
+        step = OnnxStep(model, threads=torch.get_num_threads(), weights=weights)
+        ort_rate[weights] = {}
+        for batch in (1, 32, 128):
+            ids, state = torch.zeros(batch, dtype=torch.long), model.zero_state(batch)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                _, state = step(ids, state)
+            ort_rate[weights][batch] = batch * steps / (time.perf_counter() - t0)
     # multiply-adds per character: every layer's hidden projection, the input projections of
     # layers 1.., the head (layer 0's input projection is a table lookup)
     gates = {"rnn": 1, "gru": 3, "lstm": 4}[cfg.arch] * cfg.hidden_size
@@ -312,9 +329,8 @@ def reference(model_dir: Path, results: list[Result], steps: int = 300) -> dict[
     macs += cfg.hidden_size * cfg.vocab_size
     flops_per_s = matmul_rate()
     bound = flops_per_s / (2 * macs)
-    batched = next(r for r in results if r.mode == "batched" and r.model == ckpt.name)
-    served = batched.aggregate_chars_per_s
-    streams = max(served)
+    served = {r.mode: r for r in results if r.mode in SERVED and r.model == ckpt.name}
+    streams = max(served["batched"].aggregate_chars_per_s)
     record = SessionRecord(
         session_id="sess-" + "x" * 32, owner="", model=ckpt.name, model_sha256=ckpt.sha256,
         state=encode_state(model.zero_state(1)), last="\n",
@@ -327,9 +343,12 @@ def reference(model_dir: Path, results: list[Result], steps: int = 300) -> dict[
         "matmul_gflops": flops_per_s / 1e9,
         "bound_chars_per_s": bound,
         "served_streams": streams,
-        "served_chars_per_s": served[streams],
+        "served_chars_per_s": {mode: r.aggregate_chars_per_s[streams] for mode, r in served.items()},
         # every character through the network: each stream's prompt is read as well as its output made
-        "processed_chars_per_s": served[streams] * (batched.prompt_chars + batched.per_stream) / batched.per_stream,
+        "processed_chars_per_s": {
+            mode: r.aggregate_chars_per_s[streams] * (r.prompt_chars + r.per_stream) / r.per_stream
+            for mode, r in served.items()
+        },
         "session_bytes": len(record.to_bytes()),
     }
 
@@ -353,11 +372,15 @@ def reference_table(refs: list[dict[str, Any]]) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for r in refs:
-        o = r["ort_chars_per_s"]
+        bound = r["bound_chars_per_s"]
+        loops, shares = [], []
+        for weights, mode in (("fp32", "batched"), ("int8", "int8")):
+            o = r["ort_chars_per_s"][weights]
+            loops.append(f"{weights} {o[1]:,.0f} / {o[32]:,.0f} / {o[128]:,.0f}")
+            served, processed = r["served_chars_per_s"][mode], r["processed_chars_per_s"][mode]
+            shares.append(f"{weights} {served / bound:.0%} ({processed / bound:.0%})")
         lines.append(
-            f"| {r['model']} | {o[1]:,.0f} / {o[32]:,.0f} / {o[128]:,.0f} | {r['bound_chars_per_s']:,.0f} "
-            f"({r['matmul_gflops']:.0f} GFLOP/s) | {r['served_chars_per_s'] / r['bound_chars_per_s']:.0%} "
-            f"({r['processed_chars_per_s'] / r['bound_chars_per_s']:.0%}) at {r['served_streams']} "
-            f"| {r['session_bytes']:,} |"
+            f"| {r['model']} | {'; '.join(loops)} | {bound:,.0f} ({r['matmul_gflops']:.0f} GFLOP/s) "
+            f"| {'; '.join(shares)} at {r['served_streams']} | {r['session_bytes']:,} |"
         )
     return "\n".join(lines)

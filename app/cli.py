@@ -96,8 +96,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
         data = args.data or f"data/{keys[0] if keys else 'shakespeare'}"
         text, source = Corpus(Path(data)).text(args.split), f"{args.split} split of {data}"
     skipped = sum(ch not in ckpt.vocab for ch in text)
-    loss = text_loss(ckpt.model, ckpt.vocab, text)
-    print(f"{ckpt.name} on {source}: {loss.chars:,} chars ({skipped} outside the vocabulary skipped)")
+    step = None
+    if args.weights != "fp32":  # what a server with RNNSERVE_WEIGHTS=... serves: its decoding step
+        import torch
+
+        from app.nn.onnx_step import OnnxStep
+
+        step = OnnxStep(ckpt.model, threads=torch.get_num_threads(), weights=args.weights)
+    loss = text_loss(ckpt.model, ckpt.vocab, text, step)
+    weights = f", {args.weights} weights" if step is not None else ""
+    print(f"{ckpt.name}{weights} on {source}: {loss.chars:,} chars ({skipped} outside the vocabulary skipped)")
     print(f"{loss.nats_per_char:.4f} nats/char  {loss.bits_per_char:.4f} bits/char  perplexity {loss.perplexity:.3f}")
 
 
@@ -234,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", help="a UTF-8 text file (default: a split of the corpus)")
     e.add_argument("--data", help="a corpus directory (default: data/KEY of the model's corpus)")
     e.add_argument("--split", choices=["train", "val", "test"], default="test")
+    e.add_argument(
+        "--weights", choices=["fp32", "int8"], default="fp32",
+        help="int8: through the decoding step a server with RNNSERVE_WEIGHTS=int8 runs, a character at a time",
+    )  # fmt: skip
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="stream a sample from a server (--url) or print one from a local model")

@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.max_queue,
             naive=settings.engine == "naive",
             step=settings.step,
+            weights=settings.weights,
             step_budget=settings.step_budget_ms / 1000,
             compute=compute,
         )

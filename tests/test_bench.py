@@ -28,19 +28,23 @@ def test_bench_measures_both_engines_and_writes_the_tables(tmp_path: Path, monke
 
     data = json.loads(out.read_text())
     results = {r["mode"]: r for r in data["http"]}
-    assert set(results) == {"naive", "batched"}
+    assert set(results) == {"naive", "batched", "int8"}
     for r in results.values():
         assert r["single_chars_per_s"] > 0
         assert set(r["aggregate_chars_per_s"]) == {"1", "4"} and all(r["aggregate_chars_per_s"].values())
         assert set(r["continuation_ms"]) == {"10", "1000"}
-    phases = results["batched"]["phases"]["4"]
-    assert phases["step"] > 0 and phases["choose"] > 0 and phases["prefill"] > 0
-    assert sum(phases.values()) <= 1.05  # shares of one thread's wall time
+    for mode in ("batched", "int8"):
+        phases = results[mode]["phases"]["4"]
+        assert phases["step"] > 0 and phases["choose"] > 0 and phases["prefill"] > 0
+        assert sum(phases.values()) <= 1.05  # shares of one thread's wall time
     ref = data["reference"][0]
     assert ref["bound_chars_per_s"] > 0 and ref["served_streams"] == 4
     # quick: 100 characters after a 100-character prompt, so twice as many characters through the network
-    assert ref["processed_chars_per_s"] == pytest.approx(2 * ref["served_chars_per_s"])
+    for mode in ("batched", "int8"):
+        assert ref["processed_chars_per_s"][mode] == pytest.approx(2 * ref["served_chars_per_s"][mode])
+    assert set(ref["ort_chars_per_s"]) == {"fp32", "int8"}
     text = readme.read_text()
     assert "old" not in text
     assert "| tiny-lstm | aggregate chars/s, 4 streams |" in text and "| tiny-lstm | continue after 1,000 chars" in text
-    assert "| tiny-lstm | 4 |" in text and "compute thread idle" in text
+    assert "| tiny-lstm | fp32 | 4 |" in text and "| tiny-lstm | int8 | 4 |" in text and "compute thread idle" in text
+    assert "rnnserve, int8 weights" in text

@@ -125,6 +125,7 @@ class ModelEngine:
         step: str = "torch",
         step_budget: float = STEP_BUDGET_S,
         compute: Compute | None = None,
+        weights: str = "fp32",
     ) -> None:
         """Runs torch work (building the step included): call it on the compute thread it is given."""
         self.ckpt = ckpt
@@ -132,7 +133,7 @@ class ModelEngine:
         self.naive = naive
         if naive:
             max_batch = 1
-        self.fused = None if naive else make_step(ckpt.model, step)
+        self.fused = None if naive else make_step(ckpt.model, step, weights)
         self.row_multiple = 1 if self.fused is None else row_multiple(self.fused, ckpt.model)
         self.reader = make_reader(ckpt.model, "naive" if naive else step)
         # prompts are read together only where a row's result cannot depend on the others (calls
@@ -501,12 +502,15 @@ Step = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
 Reader = Callable[[list[list[int]], State], tuple[torch.Tensor, State]]
 
 
-def make_step(model: CharRNN, kind: str) -> Step:
-    """The decoding step: ONNX Runtime's run of the fused step ("onnx"), or the fused step in torch."""
+def make_step(model: CharRNN, kind: str, weights: str = "fp32") -> Step:
+    """The decoding step: ONNX Runtime's run of the fused step ("onnx", on fp32 or int8 weights), or the
+    fused step in torch (fp32)."""
     if kind == "onnx":
         from app.nn.onnx_step import OnnxStep
 
-        return OnnxStep(model, threads=torch.get_num_threads())
+        return OnnxStep(model, threads=torch.get_num_threads(), weights=weights)
+    if weights != "fp32":
+        raise ValueError(f"{weights} weights run on ONNX Runtime's step only")
     return FusedStep(model)
 
 
@@ -594,11 +598,13 @@ class Engine:
         step: str = "torch",
         step_budget: float = STEP_BUDGET_S,
         compute: Compute | None = None,
+        weights: str = "fp32",
     ) -> None:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.naive = naive
         self.step = step
+        self.weights = weights
         self.step_budget = step_budget
         self.compute = compute or Compute()  # shared by the models' engines
         self.engines: dict[str, ModelEngine] = {}
@@ -611,7 +617,7 @@ class Engine:
     def _engine(self, ckpt: Checkpoint) -> ModelEngine:
         return ModelEngine(
             ckpt, self.max_batch, self.max_queue, naive=self.naive, step=self.step, step_budget=self.step_budget,
-            compute=self.compute,
+            compute=self.compute, weights=self.weights,
         )  # fmt: skip
 
     async def stop(self) -> None:

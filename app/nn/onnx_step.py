@@ -2,11 +2,12 @@
 
 Same inputs, outputs and results (within float rounding) as FusedStep and CharRNN.forward, faster
 on a CPU. Built in memory from the loaded weights at startup, so a checkpoint stays plain
-safetensors.
+safetensors. The decoding step may also run on weights quantized to 8 bits (`WEIGHTS`).
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -22,6 +23,12 @@ from app.nn.fused import FusedStep
 from app.nn.model import CharRNN, State, state_from_parts, state_parts
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+# The decoding step's weights: the checkpoint's own ("fp32"), or 8-bit integers in blocks of
+# QUANT_BLOCK along the input dimension, one fp32 scale per block ("int8", ONNX Runtime's
+# MatMulNBits, the activations quantized per block of each row for integer dot products): a
+# quarter of the bytes a character reads, which is what bounds the step of a few rows.
+WEIGHTS = ("fp32", "int8")
+QUANT_BLOCK = 32
 
 
 class _Exportable(nn.Module):
@@ -36,11 +43,11 @@ class _Exportable(nn.Module):
 
 
 def _session(model: CharRNN, fn: Callable[[Tensor, State], tuple[Tensor, State]], ids: Tensor, threads: int,
-             lengths: bool = False) -> ort.InferenceSession:  # fmt: skip
+             lengths: bool = False, weights: str = "fp32") -> ort.InferenceSession:  # fmt: skip
     """Export `fn(ids, state) -> (logits, state)` (ids batched on their last dim) and open it in ONNX Runtime.
 
     `lengths`: the graph takes one more input, `lens` (B,) int32, each row's length: its recurrent
-    ops then stop each row at its own length (ONNX's `sequence_lens`).
+    ops then stop each row at its own length (ONNX's `sequence_lens`). `weights`: one of WEIGHTS.
     """
     c = model.config
     lstm = c.arch == "lstm"
@@ -70,11 +77,49 @@ def _session(model: CharRNN, fn: Callable[[Tensor, State], tuple[Tensor, State]]
         graph.graph.input.append(onnx.helper.make_tensor_value_info("lens", onnx.TensorProto.INT32, ["B"]))
         for node in recurrent:
             node.input[4] = "lens"  # sequence_lens
+    if weights == "int8":
+        graph = quantize_weights(graph)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle between calls: no busy-wait
     return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def quantize_weights(graph: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with every product by a weight matrix on 8-bit block-quantized weights (WEIGHTS)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    nodes = []
+    for node in graph.graph.node:
+        value = node.attribute[0].t if node.op_type == "Constant" and node.attribute[0].name == "value" else None
+        if value is not None and len(value.dims) == 2:  # a weight matrix: the quantizer takes initializers only
+            value.name = node.output[0]
+            graph.graph.initializer.append(value)
+        elif node.op_type == "Gemm":  # addmm: the quantizer takes MatMul only
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            scaled = attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0
+            if attrs.get("transA", 0) or attrs.get("transB", 0) or scaled:
+                raise RuntimeError(f"cannot quantize {node.name}: a Gemm with {attrs}")
+            product = node.output[0] + "_product"
+            nodes.append(onnx.helper.make_node("MatMul", node.input[:2], [product], name=node.name + "_matmul"))
+            nodes.append(onnx.helper.make_node("Add", [product, node.input[2]], node.output, name=node.name + "_add"))
+        else:
+            nodes.append(node)
+    del graph.graph.node[:]
+    graph.graph.node.extend(nodes)
+    quantizer = MatMulNBitsQuantizer(graph, bits=8, block_size=QUANT_BLOCK, is_symmetric=True, accuracy_level=4)
+    chatty = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = chatty.level
+    chatty.setLevel(logging.WARNING)  # it logs a line per node at INFO
+    try:
+        quantizer.process()
+    finally:
+        chatty.setLevel(level)
+    quantized: onnx.ModelProto = quantizer.model.model
+    if not any(node.op_type == "MatMulNBits" for node in quantized.graph.node):
+        raise RuntimeError("no weight matrix was quantized")
+    return quantized
 
 
 def _feed(state: State) -> dict[str, np.ndarray]:
@@ -87,10 +132,13 @@ def _unpack(outputs: list[np.ndarray]) -> tuple[Tensor, State]:
 
 
 class OnnxStep:
-    """The fused decoding step (FusedStep) run by ONNX Runtime."""
+    """The fused decoding step (FusedStep) run by ONNX Runtime, on the weights `weights` (one of WEIGHTS)."""
 
-    def __init__(self, model: CharRNN, threads: int = 0) -> None:
-        self.session = _session(model, FusedStep(model), torch.zeros(8, dtype=torch.long), threads)
+    def __init__(self, model: CharRNN, threads: int = 0, weights: str = "fp32") -> None:
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}")
+        self.weights = weights
+        self.session = _session(model, FusedStep(model), torch.zeros(8, dtype=torch.long), threads, weights=weights)
 
     def __call__(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
         """ids (B,) -> logits (B, V) and the next state, as FusedStep."""

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from app.nn import CharRNN
+from app.nn import CharRNN, State
 from app.vocab import Vocab
+
+# a decoding step: ids (B,) and a state -> logits (B, V) and the next state
+Step = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
 
 
 @dataclass(frozen=True)
@@ -50,10 +54,27 @@ def stream_loss(model: CharRNN, ids: torch.Tensor, streams: int = 1, chunk: int 
     return Loss(chars=count, nats_per_char=total / max(count, 1))
 
 
-def text_loss(model: CharRNN, vocab: Vocab, text: str) -> Loss:
+@torch.no_grad()
+def step_loss(step: Step, model: CharRNN, ids: torch.Tensor, chunk: int = 1024) -> Loss:
+    """stream_loss's one-stream metric through a decoding step, a character at a time: the loss of
+    what a server decoding with that step serves (for example on quantized weights)."""
+    total, state = 0.0, model.zero_state(1)
+    for start in range(0, len(ids) - 1, chunk):
+        logits = []
+        for i in range(start, min(start + chunk, len(ids) - 1)):
+            out, state = step(ids[i : i + 1], state)  # (1, V)
+            logits.append(out)
+        tgt = ids[start + 1 : start + 1 + len(logits)]
+        total += F.cross_entropy(torch.cat(logits), tgt, reduction="sum").item()
+    count = len(ids) - 1
+    return Loss(chars=count, nats_per_char=total / max(count, 1))
+
+
+def text_loss(model: CharRNN, vocab: Vocab, text: str, step: Step | None = None) -> Loss:
     """Loss of every character of `text` (unknown ones skipped), read from a fresh state after BOS.
 
-    This is the reported metric of a split, of `rnnserve eval` and of POST /score alike.
+    This is the reported metric of a split, of `rnnserve eval` and of POST /score alike; with `step`,
+    read through that decoding step instead of the whole-sequence kernel.
     """
     ids = torch.tensor([vocab.bos, *vocab.encode(text, unknown="skip")], dtype=torch.long)
-    return stream_loss(model, ids)
+    return stream_loss(model, ids) if step is None else step_loss(step, model, ids)

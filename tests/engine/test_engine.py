@@ -54,9 +54,10 @@ def make_engine(
     prefill_chunk: int = 1024,
     step_budget: float = STEP_BUDGET_S,
     step: str = "torch",
+    weights: str = "fp32",
 ) -> ModelEngine:
     ckpt = Checkpoint("tiny", model, vocab, {}, "0" * 64)
-    return ModelEngine(ckpt, max_batch, max_queue, prefill_chunk, step=step, step_budget=step_budget)
+    return ModelEngine(ckpt, max_batch, max_queue, prefill_chunk, step=step, step_budget=step_budget, weights=weights)
 
 
 @asynccontextmanager
@@ -135,10 +136,10 @@ def assert_states_close(a: State | None, b: State | None) -> None:
 
 
 async def alone(
-    model: CharRNN, vocab: Vocab, req: GenerationRequest, step: str = "torch"
+    model: CharRNN, vocab: Vocab, req: GenerationRequest, step: str = "torch", weights: str = "fp32"
 ) -> tuple[list[str], GenerationResult]:
     """The reference: the request with nothing else in a fresh engine."""
-    async with started(make_engine(model, vocab, step=step)) as engine:
+    async with started(make_engine(model, vocab, step=step, weights=weights)) as engine:
         return await collect(engine.submit(req))
 
 
@@ -165,10 +166,10 @@ def mixed_requests(vocab: Vocab) -> list[GenerationRequest]:
     return reqs
 
 
-@pytest.mark.parametrize("step", ["torch", "onnx"])
+@pytest.mark.parametrize(("step", "weights"), [("torch", "fp32"), ("onnx", "fp32"), ("onnx", "int8")])
 @pytest.mark.parametrize("arch", ["lstm", "gru", "rnn"])
 def test_batch_composition_does_not_change_any_result(
-    arch: str, step: str, tiny_model: Callable[..., CharRNN], vocab: Vocab
+    arch: str, step: str, weights: str, tiny_model: Callable[..., CharRNN], vocab: Vocab
 ) -> None:
     model = tiny_model(arch)
     reqs = mixed_requests(vocab)
@@ -176,8 +177,8 @@ def test_batch_composition_does_not_change_any_result(
     async def main() -> tuple[
         list[tuple[list[str], GenerationResult]], list[tuple[list[str], GenerationResult]], StepTrace
     ]:
-        solo = [await alone(model, vocab, r, step) for r in reqs]
-        engine = make_engine(model, vocab, step=step)
+        solo = [await alone(model, vocab, r, step, weights) for r in reqs]
+        engine = make_engine(model, vocab, step=step, weights=weights)
         trace = trace_steps(engine)
         async with started(engine):
             tasks = []

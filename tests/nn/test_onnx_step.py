@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import onnx
 import pytest
 import torch
 
 from app.nn import ARCHS, CharRNN, FusedStep, State, select_state, state_from_parts, state_parts
-from app.nn.onnx_step import OnnxPrefill, OnnxStep
+from app.nn.onnx_step import OnnxPrefill, OnnxStep, quantize_weights
 
 
 def _random_state(model: CharRNN, batch: int, g: torch.Generator) -> State:
@@ -47,3 +48,27 @@ def test_the_prompt_reader_reads_each_row_to_its_own_length(arch: str, tiny_mode
         mine = select_state(after, torch.tensor([i]))
         for a, b in zip(state_parts(mine), state_parts(ref_after), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@torch.inference_mode()
+def test_the_int8_step_is_the_fused_step_on_rounded_weights(arch: str, tiny_model: Callable[..., CharRNN]) -> None:
+    model = tiny_model(arch, hidden_size=40)  # 40 inputs: a whole block of 32 and a partial one
+    g = torch.Generator().manual_seed(3)
+    state = _random_state(model, 6, g)
+    ids = torch.randint(0, model.config.vocab_size, (6,), generator=g)
+    logits, after = OnnxStep(model, weights="int8")(ids, state)
+    ref_logits, ref_after = FusedStep(model)(ids, state)
+    # off by the rounding of weights and activations to 8 bits (a scale per block), no more
+    error = (logits - ref_logits).abs().max().item()
+    assert 0 < error < 0.02 * ref_logits.abs().max().item()
+    for a, b in zip(state_parts(after), state_parts(ref_after), strict=True):
+        assert 0 < (a - b).abs().max().item() < 0.02
+
+
+def test_quantizing_refuses_what_it_cannot_quantize(tiny_model: Callable[..., CharRNN]) -> None:
+    with pytest.raises(ValueError, match="weights must be one of fp32, int8"):
+        OnnxStep(tiny_model("lstm"), weights="int4")
+    empty = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))
+    with pytest.raises(RuntimeError, match="no weight matrix was quantized"):
+        quantize_weights(empty)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app.nn import CharRNN
-from app.training.evaluate import Loss, stream_loss, text_loss
+from app.nn import CharRNN, FusedStep
+from app.training.evaluate import Loss, step_loss, stream_loss, text_loss
 from app.vocab import Vocab
 
 
@@ -34,6 +34,16 @@ def test_one_stream_equals_a_manual_computation(arch: str, tiny_model: Callable[
     loss = stream_loss(model, ids, streams=1)
     assert loss.chars == 299
     assert loss.nats_per_char == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["rnn", "lstm", "gru"])
+def test_a_decoding_step_gives_the_one_stream_loss(arch: str, tiny_model: Callable[..., CharRNN]) -> None:
+    model = tiny_model(arch)
+    ids = torch.randint(0, model.config.vocab_size, (301,), generator=torch.Generator().manual_seed(5))
+    whole = stream_loss(model, ids)
+    stepped = step_loss(FusedStep(model), model, ids, chunk=64)  # chunks that do not divide the text
+    assert stepped.chars == whole.chars == 300
+    assert stepped.nats_per_char == pytest.approx(whole.nats_per_char, abs=1e-5)
 
 
 @pytest.mark.parametrize("streams", [1, 3])

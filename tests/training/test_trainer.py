@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -369,6 +370,13 @@ def test_cli_train_writes_a_checkpoint_with_metrics(
     # `rnnserve eval` reproduces the recorded test figure
     main(["eval", "--model", "tiny-gru", "--models-dir", str(tmp_path / "models"), "--data", str(data)])
     assert f"{metrics['test_nats_per_char']:.4f} nats/char" in capsys.readouterr().out
+    # and through the decoding step on 8-bit weights, what RNNSERVE_WEIGHTS=int8 serves: about the same
+    main(["eval", "--model", "tiny-gru", "--models-dir", str(tmp_path / "models"), "--data", str(data),
+          "--weights", "int8"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "tiny-gru, int8 weights on test split" in out
+    int8 = float(re.search(r"([0-9.]+) nats/char", out)[1])  # type: ignore[index]
+    assert int8 == pytest.approx(metrics["test_nats_per_char"], abs=0.02)
 
     # --resume continues the run from its saved state
     main([*argv[: argv.index("--max-steps")], "--max-steps", "30", "--eval-every", "10", "--quiet", "--resume"])
