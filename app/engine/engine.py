@@ -406,7 +406,7 @@ class ModelEngine:
         chosen = self.sampler.choose(logits[:n])
         for i, seq in enumerate(seqs):
             if seq.finish_reason is None:
-                seq.advance(logits[i], chosen[i])
+                seq.advance(logits[i] if seq.req.logprobs else None, chosen[i])
         self.spent["choose"] += time.perf_counter() - stepped
 
     def _fail_all(self) -> list[Stream]:
@@ -461,8 +461,8 @@ class RowSampler:
     def __init__(self, seqs: list[Sequence]) -> None:
         self.key = self._key(seqs)
         self.rows = [i for i, seq in enumerate(seqs) if seq.params.strategy == "sample" and seq.finish_reason is None]
-        self.generators = [seqs[i].generator for i in self.rows]
-        params = [seqs[i].params for i in self.rows]
+        self.sampling = [seqs[i] for i in self.rows]
+        params = [seq.params for seq in self.sampling]
         # a filter that is off for every row is passed as its scalar "off" value, so it is skipped
         self.temperature = self._column([p.temperature for p in params], 1.0)
         self.top_k = self._column([p.top_k for p in params], 0)
@@ -488,7 +488,7 @@ class RowSampler:
         every = len(self.rows) == len(logits)  # every row samples: no gather, no scatter
         sampled = logits if every else logits[self.rows]
         filtered = filter_logits(sampled, self.temperature, self.top_k, self.top_p, self.min_p)
-        uniforms = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+        uniforms = torch.tensor([seq.uniform() for seq in self.sampling], dtype=torch.float64)
         drawn = draw(torch.softmax(filtered, dim=-1), uniforms)
         if every:
             return drawn.tolist()

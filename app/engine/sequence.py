@@ -15,6 +15,10 @@ from app.nn import State
 
 FinishReason = Literal["length", "stop", "cancelled"]
 _ids = itertools.count()
+# A sampling row takes its uniform numbers from its generator this many at a time (fewer near its
+# end): one call per block instead of one per character. torch.rand(n) gives the numbers of n calls
+# of torch.rand(1), so the characters are the same.
+UNIFORM_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class Sequence:
         self.origin = state  # the state before the prompt
         self.state = state  # batch 1, or None for a zero state; while running it lives in the batch
         self.generator = self._first_generator()
+        self.uniforms: list[float] = []  # drawn from the generator, not used yet, the next one last
+        self.draws = 0  # uniform numbers used
         self.stopper = StopChecker(req.stop)
         self.ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
@@ -100,11 +106,22 @@ class Sequence:
             torch.rand(made, generator=generator, dtype=torch.float64)
         return generator.get_state()
 
-    def advance(self, logits: Tensor, nxt: int | None = None) -> None:
-        """Take one step's logits (V,); choose the next character unless given (batched greedy)."""
+    def uniform(self) -> float:
+        """The sampler's next uniform number, as a draw of torch.rand(1, dtype=float64) would give it."""
+        if not self.uniforms:
+            block = min(UNIFORM_BLOCK, max(1, self.req.max_tokens - len(self.ids)))
+            self.uniforms = torch.rand(block, generator=self.generator, dtype=torch.float64).tolist()[::-1]
+        self.draws += 1
+        return self.uniforms.pop()
+
+    def advance(self, logits: Tensor | None, nxt: int | None = None) -> None:
+        """Take one step's logits (V,); choose the next character unless given (then the logits are
+        needed only for logprobs)."""
         if nxt is None:
+            assert logits is not None
             nxt = int(choose(logits.unsqueeze(0), self.params, self.generator)[0])
         if self.req.logprobs:
+            assert logits is not None
             lp = torch.log_softmax(logits.float(), dim=-1)
             top = torch.topk(lp, self.req.logprobs)
             alts = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
@@ -148,7 +165,8 @@ class Sequence:
             finish_reason=self.finish_reason,
             state=state,
             pending=self.pending,
-            generator_state=self.generator.get_state(),
+            # the generator is ahead by the uniform numbers drawn and not used
+            generator_state=self.generator_state_after(self.draws) if self.uniforms else self.generator.get_state(),
             consumed=list(self.ids),
             logprobs=self.logprobs[:n],
         )

@@ -28,7 +28,7 @@ from app.engine.engine import (
 )
 from app.engine.generate import beam_generation
 from app.engine.sampling import SamplingParams
-from app.engine.sequence import GenerationRequest, GenerationResult
+from app.engine.sequence import UNIFORM_BLOCK, GenerationRequest, GenerationResult
 from app.errors import OverloadedError
 from app.nn import CharRNN, State
 from app.vocab import Vocab
@@ -820,3 +820,23 @@ def test_a_prompt_gives_its_first_character_without_a_decoding_step(
     _, ref = model(torch.tensor([vocab.bos, *vocab.encode("ROMEO:")]).view(-1, 1))
     assert_states_close(one.state, ref)
     assert one.pending == one.ids[0]
+
+
+def test_a_row_that_stops_early_stores_the_generator_state_of_its_draws(
+    tiny_model: Callable[..., CharRNN], vocab: Vocab
+) -> None:
+    """The engine draws a row's uniform numbers in blocks; a row that stops before using them all
+    stores the state after the ones it used, so a continuation without a seed goes on exactly."""
+    model = tiny_model("lstm")
+    req = request(vocab, "ROMEO:", 500, SamplingParams(), seed=3, stop=("e",))
+
+    async def main() -> GenerationResult:
+        async with started(make_engine(model, vocab, step="onnx")) as engine:
+            return (await collect(engine.submit(req)))[1]
+
+    result = run(main())
+    made = len(result.consumed)
+    assert result.finish_reason == "stop" and made % UNIFORM_BLOCK, "the row did not stop inside a block"
+    after = torch.Generator().manual_seed(3)
+    torch.rand(made, generator=after, dtype=torch.float64)  # one draw per character made
+    assert torch.equal(result.generator_state, after.get_state())

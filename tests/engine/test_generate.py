@@ -207,3 +207,14 @@ def test_prefill_in_steps_equals_one_call(
             break
     assert slices == 4
     assert_states_close(chunked, prefill(model, ids, None))
+
+
+def test_uniform_numbers_drawn_in_blocks_are_those_of_single_draws(vocab: Vocab) -> None:
+    req = GenerationRequest(ids=[vocab.bos], max_tokens=150, params=SamplingParams(), seed=9)
+    seq = Sequence(req, vocab.chars, None)
+    single = torch.Generator().manual_seed(9)
+    for n in range(150):
+        assert seq.uniform() == torch.rand(1, generator=single, dtype=torch.float64).item(), n
+        seq.ids.append(0)  # a character made: the blocks shrink towards max_tokens
+    assert seq.draws == 150 and not seq.uniforms  # never drawn past the last character
+    assert torch.equal(seq.generator.get_state(), single.get_state())
