@@ -19,7 +19,10 @@ class FusedStep:
         c = model.config
         self.arch = c.arch
         self.num_layers = c.num_layers
+        self.hidden = H = c.hidden_size
         rnn = model.rnn
+        # LSTM gates reordered from torch's (i, f, g, o) to (i, f, o, g): one sigmoid for the first three
+        order = torch.cat([torch.arange(2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
         with torch.no_grad():
             emb = model.embed.weight  # (V, E)
             self.w_in: list[Tensor] = []  # layer >= 1: (H, G) input projection, transposed
@@ -31,6 +34,8 @@ class FusedStep:
                 w_hh = getattr(rnn, f"weight_hh_l{layer}")
                 b_ih = getattr(rnn, f"bias_ih_l{layer}")
                 b_hh = getattr(rnn, f"bias_hh_l{layer}")
+                if c.arch == "lstm":
+                    w_ih, w_hh, b_ih, b_hh = (t[order] for t in (w_ih, w_hh, b_ih, b_hh))
                 self.w_hh.append(w_hh.t().contiguous())
                 if c.arch == "gru":  # the candidate gate needs W_hn h + b_hn on its own
                     self.b.append(b_ih.clone())
@@ -47,16 +52,17 @@ class FusedStep:
     @torch.inference_mode()
     def __call__(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
         """ids (B,) -> logits (B, V) and the next state; state as for CharRNN (batch dim 1)."""
+        H = self.hidden
         if self.arch == "lstm":
             h, c = state
             hs, cs = [], []
             x = self.table[ids]  # layer 0's input projection, its biases included (B, 4H)
             for layer in range(self.num_layers):
                 pre = x if layer == 0 else torch.addmm(self.b[layer], x, self.w_in[layer - 1])
-                gates = pre.addmm_(h[layer], self.w_hh[layer])  # (B, 4H)
-                i, f, g, o = gates.chunk(4, dim=1)
-                cl = torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g)
-                x = torch.sigmoid(o) * torch.tanh(cl)
+                ifo, g = pre.addmm_(h[layer], self.w_hh[layer]).split([3 * H, H], dim=1)  # (B, 3H), (B, H)
+                i, f, o = torch.sigmoid(ifo).split(H, dim=1)
+                cl = f * c[layer] + i * torch.tanh(g)
+                x = o * torch.tanh(cl)
                 hs.append(x)
                 cs.append(cl)
             return torch.addmm(self.head_b, x, self.head_w), (torch.stack(hs), torch.stack(cs))
@@ -70,11 +76,10 @@ class FusedStep:
                 x = torch.tanh(pre.addmm_(h[layer], self.w_hh[layer]))
             else:
                 hn = torch.addmm(self.b_hh[layer], h[layer], self.w_hh[layer])  # (B, 3H)
-                r_i, z_i, n_i = pre.chunk(3, dim=1)
-                r_h, z_h, n_h = hn.chunk(3, dim=1)
-                r = torch.sigmoid(r_i + r_h)
-                z = torch.sigmoid(z_i + z_h)
+                rz_i, n_i = pre.split([2 * H, H], dim=1)
+                rz_h, n_h = hn.split([2 * H, H], dim=1)
+                r, z = torch.sigmoid(rz_i + rz_h).split(H, dim=1)
                 n = torch.tanh(n_i + r * n_h)
-                x = (1 - z) * n + z * h[layer]
+                x = n + z * (h[layer] - n)
             out.append(x)
         return torch.addmm(self.head_b, x, self.head_w), torch.stack(out)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from app.nn import ARCHS, CharRNN, FusedStep, State, select_state, state_from_parts, state_parts
-from app.nn.onnx_step import OnnxPrefill, OnnxStep, quantize_weights
+from app.nn.onnx_step import QUANT_BLOCK, OnnxPrefill, OnnxStep, quantize_weights
 
 
 def _random_state(model: CharRNN, batch: int, g: torch.Generator) -> State:
@@ -53,7 +53,7 @@ def test_the_prompt_reader_reads_each_row_to_its_own_length(arch: str, tiny_mode
 @pytest.mark.parametrize("arch", ARCHS)
 @torch.inference_mode()
 def test_the_int8_step_is_the_fused_step_on_rounded_weights(arch: str, tiny_model: Callable[..., CharRNN]) -> None:
-    model = tiny_model(arch, hidden_size=40)  # 40 inputs: a whole block of 32 and a partial one
+    model = tiny_model(arch, hidden_size=QUANT_BLOCK + 8)  # a whole block and a partial one
     g = torch.Generator().manual_seed(3)
     state = _random_state(model, 6, g)
     ids = torch.randint(0, model.config.vocab_size, (6,), generator=g)
