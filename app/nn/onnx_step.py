@@ -28,7 +28,7 @@ RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 # MatMulNBits, the activations quantized per block of each row for integer dot products): a
 # quarter of the bytes a character reads, which is what bounds the step of a few rows.
 WEIGHTS = ("fp32", "int8")
-QUANT_BLOCK = 128
+QUANT_BLOCK = 64
 
 
 class _Exportable(nn.Module):
