@@ -44,8 +44,8 @@ class Settings(BaseSettings):
     weights: Literal["fp32", "int8"] = Field(
         "fp32",
         description="Weights of the decoding step: the checkpoint's ('fp32'), or 8-bit integers in blocks of 64 "
-        "with a scale each ('int8', ONNX Runtime, RNNSERVE_STEP=onnx only): about half the time per step for a "
-        "few streams, prompts still read in fp32.",
+        "with a scale each ('int8', ONNX Runtime, RNNSERVE_STEP=onnx only): a faster step for a few streams, "
+        "prompts still read in fp32.",
     )
     step_budget_ms: float = Field(
         20.0,
