@@ -31,7 +31,7 @@ MODES = {
     "batched": {"RNNSERVE_ENGINE": "batched"},
     "int8": {"RNNSERVE_ENGINE": "batched", "RNNSERVE_WEIGHTS": "int8"},
 }
-SERVED = ("batched", "int8")  # the modes that are rnnserve's engine
+SERVED = {"batched": "fp32", "int8": "int8"}  # the modes that are rnnserve's engine, and their weights
 HISTORIES = (100, 100_000)
 FALLBACK_TEXT = (
     "Tomorrow, and tomorrow, and tomorrow,\nCreeps in this petty pace from day to day,\n"
@@ -201,10 +201,9 @@ def phase_table(results: list[Result]) -> str:
     for r in results:
         if r.mode not in SERVED:
             continue
-        weights = "int8" if r.mode == "int8" else "fp32"
         for c, shares in r.phases.items():
             cells = " | ".join(f"{shares[p]:.0%}" for p in PHASES)
-            lines.append(f"| {r.model} | {weights} | {c} | {cells} | {max(0.0, 1 - sum(shares.values())):.0%} |")
+            lines.append(f"| {r.model} | {SERVED[r.mode]} | {c} | {cells} | {max(0.0, 1 - sum(shares.values())):.0%} |")
     return "\n".join(lines)
 
 
@@ -374,7 +373,7 @@ def reference_table(refs: list[dict[str, Any]]) -> str:
     for r in refs:
         bound = r["bound_chars_per_s"]
         loops, shares = [], []
-        for weights, mode in (("fp32", "batched"), ("int8", "int8")):
+        for mode, weights in SERVED.items():
             o = r["ort_chars_per_s"][weights]
             loops.append(f"{weights} {o[1]:,.0f} / {o[32]:,.0f} / {o[128]:,.0f}")
             served, processed = r["served_chars_per_s"][mode], r["processed_chars_per_s"][mode]

@@ -18,7 +18,7 @@ from app.engine.inspect import Trace, inspect
 from app.engine.sampling import draw, filter_logits
 from app.engine.sequence import GenerationRequest, GenerationResult, Sequence
 from app.errors import OverloadedError, UnavailableError
-from app.nn import CharRNN, FusedStep, State, select_state, stack_states, state_from_parts, state_parts
+from app.nn import CharRNN, FusedStep, State, Step, select_state, stack_states, state_from_parts, state_parts
 
 log = logging.getLogger(__name__)
 
@@ -497,7 +497,6 @@ class RowSampler:
         return chosen.tolist()
 
 
-Step = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
 # rows of prompt ids (each not empty) and their state -> the logits after each row's last id (B, V), the state there
 Reader = Callable[[list[list[int]], State], tuple[torch.Tensor, State]]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -13,6 +13,8 @@ ARCHS = ("rnn", "lstm", "gru")
 
 # A recurrent state: (L, B, H) for rnn/gru; the pair (h, c), each (L, B, H), for lstm.
 State = Tensor | tuple[Tensor, Tensor]
+# a decoding step: ids (B,) and a state -> logits (B, V) and the next state
+Step = Callable[[Tensor, State], tuple[Tensor, State]]
 
 
 @dataclass(frozen=True)

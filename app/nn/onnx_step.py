@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from app.nn.fused import FusedStep
-from app.nn.model import CharRNN, State, state_from_parts, state_parts
+from app.nn.model import CharRNN, State, Step, state_from_parts, state_parts
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 # The decoding step's weights: the checkpoint's own ("fp32"), or 8-bit integers in blocks of
@@ -32,7 +31,7 @@ QUANT_BLOCK = 64
 
 
 class _Exportable(nn.Module):
-    def __init__(self, fn: Callable[[Tensor, State], tuple[Tensor, State]], lstm: bool) -> None:
+    def __init__(self, fn: Step, lstm: bool) -> None:
         super().__init__()
         self.fn = fn
         self.lstm = lstm
@@ -42,7 +41,7 @@ class _Exportable(nn.Module):
         return (logits, *state_parts(state))
 
 
-def _session(model: CharRNN, fn: Callable[[Tensor, State], tuple[Tensor, State]], ids: Tensor, threads: int,
+def _session(model: CharRNN, fn: Step, ids: Tensor, threads: int,
              lengths: bool = False, weights: str = "fp32") -> ort.InferenceSession:  # fmt: skip
     """Export `fn(ids, state) -> (logits, state)` (ids batched on their last dim) and open it in ONNX Runtime.
 

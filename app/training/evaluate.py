@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from app.nn import CharRNN, State
+from app.nn import CharRNN, Step
 from app.vocab import Vocab
-
-# a decoding step: ids (B,) and a state -> logits (B, V) and the next state
-Step = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
 
 
 @dataclass(frozen=True)
