@@ -488,13 +488,13 @@ class RowSampler:
         every = len(self.rows) == len(logits)  # every row samples: no gather, no scatter
         sampled = logits if every else logits[self.rows]
         filtered = filter_logits(sampled, self.temperature, self.top_k, self.top_p, self.min_p)
-        uniforms = torch.tensor([seq.uniform() for seq in self.sampling], dtype=torch.float64)
-        drawn = draw(torch.softmax(filtered, dim=-1), uniforms)
+        drawn = draw(torch.softmax(filtered, dim=-1), [seq.uniform() for seq in self.sampling])
         if every:
-            return drawn.tolist()
-        chosen = logits.argmax(dim=-1)
-        chosen[self.rows] = drawn
-        return chosen.tolist()
+            return drawn
+        chosen = logits.argmax(dim=-1).tolist()
+        for row, nxt in zip(self.rows, drawn, strict=True):
+            chosen[row] = nxt
+        return chosen
 
 
 # rows of prompt ids (each not empty) and their state -> the logits after each row's last id (B, V), the state there

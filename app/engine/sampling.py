@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -93,8 +94,10 @@ def filter_logits(
     Each parameter is one value or a column of per-row values, so rows with different
     parameters are filtered together.
     """
-    t = torch.as_tensor(temperature, dtype=logits.dtype)
-    x = logits / (t.reshape(-1, 1) if t.dim() else t)
+    if isinstance(temperature, Tensor):
+        x = logits / temperature.to(logits.dtype).reshape(-1, 1)
+    else:  # dividing by 1 changes no bit: skipped
+        x = logits if temperature == 1.0 else logits / torch.tensor(temperature, dtype=logits.dtype)
     # each filter sees the distribution left by the ones before it; one that is off for every
     # row would remove nothing, so it is skipped (the result is the same, bit for bit)
     if _any(top_k, lambda v: v > 0):
@@ -116,14 +119,16 @@ def filtered_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     return filter_logits(logits, params.temperature, params.top_k, params.top_p, params.min_p)
 
 
-def draw(probs: Tensor, uniforms: Tensor) -> Tensor:
+def draw(probs: Tensor, uniforms: Sequence[float] | np.ndarray) -> list[int]:
     """Inverse-CDF draws: row i takes the token where its cumulative probability passes uniforms[i].
 
     Never a token of probability 0 (the search is for the first cumulative mass strictly above).
     """
-    cdf = torch.cumsum(probs, dim=-1)  # (B, V)
-    target = (uniforms.reshape(-1, 1) * cdf[:, -1:]).to(cdf.dtype)
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    cdf = torch.cumsum(probs, dim=-1).numpy()  # (B, V), non-decreasing along each row
+    # in float64, then rounded to the cdf's float32; numpy here: a few small torch ops cost more than the rest
+    target = (np.asarray(uniforms, dtype=np.float64).reshape(-1, 1) * cdf[:, -1:]).astype(cdf.dtype)
+    # the first index whose cumulative mass is above the target: the count of those at or below it
+    return np.minimum((cdf <= target).sum(axis=1), probs.shape[-1] - 1).tolist()
 
 
 def choose(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
@@ -134,4 +139,4 @@ def choose(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     if params.strategy == "greedy":
         return logits.argmax(dim=-1)
     probs = torch.softmax(filtered_logits(logits, params), dim=-1)
-    return draw(probs, torch.rand(logits.shape[0], generator=generator, dtype=torch.float64))
+    return torch.tensor(draw(probs, torch.rand(logits.shape[0], generator=generator, dtype=torch.float64).numpy()))

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine.sampling import SamplingParams, choose, filtered_logits, min_p_mask, top_k_mask, top_p_mask
+from app.engine.sampling import (
+    SamplingParams,
+    choose,
+    draw,
+    filter_logits,
+    filtered_logits,
+    min_p_mask,
+    top_k_mask,
+    top_p_mask,
+)
 
 # probabilities that are exact in binary, so "cumulative mass reaches p" is an exact comparison
 DYADIC = [0.5, 0.25, 0.125, 0.0625, 0.0625]
@@ -237,3 +246,29 @@ def test_choose_greedy_is_argmax_and_ignores_the_generator() -> None:
     params = SamplingParams(strategy="greedy")
     assert choose(logits, params, None).tolist() == logits.argmax(-1).tolist()
     assert choose(logits, params, torch.Generator().manual_seed(1)).tolist() == logits.argmax(-1).tolist()
+
+
+def test_draw_is_the_inverse_cdf_search() -> None:
+    """draw equals torch's search of each row's float32 cdf for uniform * total (rounded to float32),
+    zero-probability tokens and uniforms at the cdf's steps included."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 84, generator=g) * 4
+    logits[::3, 10:30] = float("-inf")  # tokens of probability 0
+    probs = torch.softmax(logits, dim=-1)
+    cdf = torch.cumsum(probs, dim=-1)
+    uniforms = torch.rand(64, generator=g, dtype=torch.float64)
+    uniforms[:8] = (cdf[:8, 5] / cdf[:8, -1]).double()  # on a step of the cdf
+    uniforms[8] = 0.0
+    target = (uniforms.reshape(-1, 1) * cdf[:, -1:]).to(torch.float32)
+    expected = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=83).tolist()
+    drawn = draw(probs, uniforms.tolist())
+    assert drawn == expected
+    assert all(probs[i, token] > 0 for i, token in enumerate(drawn))
+
+
+def test_temperature_one_leaves_the_logits_as_they_are() -> None:
+    logits = torch.randn(4, 84)
+    assert torch.equal(filter_logits(logits, 1.0), logits)
+    assert torch.equal(filter_logits(logits, 2.0), logits / 2.0)
+    column = torch.tensor([[1.0], [2.0], [0.5], [1.0]])
+    assert torch.equal(filter_logits(logits, column), logits / column)
