@@ -31,9 +31,10 @@ ROW_MULTIPLE = 8
 # The cost of a trip and of a stream event is then paid once per burst of characters, not per step.
 STEP_BUDGET_S = 0.02
 # Each stream a trip touches costs an event (an SSE frame or a WebSocket message, sent here and
-# parsed by the client): a trip lasts at least this long per running row, so a full batch sends
-# about 2,000 events a second, however many rows it has.
-TRIP_S_PER_ROW = 0.0005
+# parsed by the client, on the cores the steps need): a trip lasts at least this long per running
+# row, so a full batch sends about 1,000 events a second, however many rows it has (on 2 cores,
+# 2,000 a second cost 10-15% of the throughput at 32 and 128 streams).
+TRIP_S_PER_ROW = 0.001
 # A step reads about this many chunks' worth of prompt characters, over all the streams still
 # reading theirs (together where one call can read them all, else one at a time, round robin): a
 # burst of new requests then neither stalls the running streams for long nor waits for all the
