@@ -52,7 +52,7 @@ class Settings(BaseSettings):
         ge=0,
         le=1000,
         description="Milliseconds of decoding steps per trip to the compute thread before the streams get "
-        "their characters (at least 0.5 ms per running stream; a new request, a first character or a finished row "
+        "their characters (at least 1 ms per running stream; a new request, a first character or a finished row "
         "ends a trip sooner); 0: one step.",
     )
     max_queue: int = Field(256, ge=0, description="Generations waiting for a slot, per model; beyond: 429.")
