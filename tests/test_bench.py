@@ -32,6 +32,7 @@ def test_bench_measures_both_engines_and_writes_the_tables(tmp_path: Path, monke
     for r in results.values():
         assert r["single_chars_per_s"] > 0
         assert set(r["aggregate_chars_per_s"]) == {"1", "4"} and all(r["aggregate_chars_per_s"].values())
+        assert r["runs"] == {"1": 2, "4": 2}  # runs of well under 5 s: the median of the most runs allowed
         assert set(r["continuation_ms"]) == {"10", "1000"}
     for mode in ("batched", "int8"):
         phases = results[mode]["phases"]["4"]
