@@ -15,7 +15,7 @@ from app.checkpoint import Checkpoint
 from app.engine.compute import Compute
 from app.engine.generate import CHUNK, beam_generation, prefill_steps, read, score_steps
 from app.engine.inspect import Trace, inspect
-from app.engine.sampling import draw, filter_logits
+from app.engine.sampling import draw, filter_logits, softmax
 from app.engine.sequence import GenerationRequest, GenerationResult, Sequence
 from app.errors import OverloadedError, UnavailableError
 from app.nn import CharRNN, FusedStep, State, Step, select_state, stack_states, state_from_parts, state_parts
@@ -512,7 +512,7 @@ class RowSampler:
         every = len(self.rows) == len(logits)  # every row samples: no gather, no scatter
         sampled = logits if every else logits[self.rows]
         filtered = filter_logits(sampled, self.temperature, self.top_k, self.top_p, self.min_p)
-        drawn = draw(torch.softmax(filtered, dim=-1), [seq.uniform() for seq in self.sampling])
+        drawn = draw(softmax(filtered), [seq.uniform() for seq in self.sampling])
         if every:
             return drawn
         chosen = logits.argmax(dim=-1).tolist()

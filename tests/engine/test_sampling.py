@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ from app.engine.sampling import (
     filter_logits,
     filtered_logits,
     min_p_mask,
+    softmax,
     top_k_mask,
     top_p_mask,
 )
@@ -272,3 +277,41 @@ def test_temperature_one_leaves_the_logits_as_they_are() -> None:
     assert torch.equal(filter_logits(logits, 2.0), logits / 2.0)
     column = torch.tensor([[1.0], [2.0], [0.5], [1.0]])
     assert torch.equal(filter_logits(logits, column), logits / column)
+
+
+def test_softmax_is_torchs_within_rounding() -> None:
+    logits = torch.randn(32, 84) * 4
+    logits[::2, :40] = float("-inf")
+    probs = softmax(logits)
+    assert probs.dtype == torch.float32 and probs.shape == (32, 84)
+    assert torch.allclose(probs, torch.softmax(logits, dim=-1), rtol=1e-5, atol=1e-7)
+    assert bool((probs[::2, :40] == 0).all())
+
+
+def test_sampling_a_batch_forks_no_thread_team() -> None:
+    """Every filter and a draw on a batch of 32 rows start none of torch's OpenMP threads, whose spinning
+    after a parallel region takes the cores the decoding step needs (torch's own softmax does start them)."""
+    script = textwrap.dedent(
+        """
+        import os, sys, torch
+        from app.engine.sampling import draw, filter_logits, softmax
+        torch.set_num_threads(2)
+        threads = lambda: len(os.listdir("/proc/self/task"))
+        logits, before = torch.randn(32, 84), threads()
+        if sys.argv[1] == "torch":
+            torch.softmax(logits, dim=-1)
+        else:
+            column = torch.full((32, 1), 0.8)
+            filtered = filter_logits(logits, column, torch.full((32, 1), 5), column, torch.full((32, 1), 0.05))
+            draw(softmax(filtered), [0.5] * 32)
+        print(threads() - before)
+        """
+    )
+
+    def started(kind: str) -> int:
+        root = Path(__file__).parents[2]
+        out = subprocess.run([sys.executable, "-c", script, kind], capture_output=True, text=True, check=True, cwd=root)
+        return int(out.stdout)
+
+    assert started("torch") >= 1  # the check sees a team being started ...
+    assert started("ours") == 0  # ... and sampling starts none
