@@ -151,6 +151,9 @@ class ModelEngine:
         self.state: State | None = None
         self.beams = 0
         self.steps = 0
+        # hand-overs of text from a trip under way: made (counted on the compute thread) and taken
+        # (on the event loop); each counter has one writer
+        self.handed = self.taken = 0
         self.draining = False
         self.stopped = False
         self.streams: set[Stream] = set()  # every admitted stream not yet finished
@@ -246,8 +249,8 @@ class ModelEngine:
                 if stream.seq.final is not None and stream.result is None:
                     stream.finish(stream.seq.final)
 
-    @staticmethod
-    def _push(texts: list[tuple[Stream, str]]) -> None:
+    def _push(self, texts: list[tuple[Stream, str]]) -> None:
+        self.taken += 1
         for stream, text in texts:
             if text:
                 stream.push_text(text)
@@ -257,9 +260,11 @@ class ModelEngine:
         """One trip off the event loop: a step, then more while every row just keeps decoding.
 
         Each time the step budget runs out, the text made so far goes to `deliver` and the trip goes
-        on, unless another call waits for the compute thread: the event loop sends the text while
-        the next steps run, instead of the steps waiting for the event loop. Returns the streams
-        with news since the last delivery (each once, in order)."""
+        on: the event loop sends the text while the next steps run, instead of the steps waiting for
+        the event loop. Unless another call waits for the compute thread, or the event loop has not
+        yet taken the last hand-over (busy, it would see a client's disconnect or cancel late while
+        the steps ran on): the trip then ends there. Returns the streams with news since the last
+        hand-over (each once, in order)."""
         start = time.perf_counter()
         budget = trip_budget(self.step_budget, len(self.running))
         try:
@@ -268,8 +273,9 @@ class ModelEngine:
             while self._only_decoding(news):
                 now = time.perf_counter()
                 if now >= start + budget:
-                    if not budget or self.compute.wanted:
+                    if not budget or self.compute.wanted or self.taken < self.handed:
                         break
+                    self.handed += 1
                     deliver([(s, s.seq.take_unsent()) for s in touched])
                     touched = {}
                     self._account(now - start)

@@ -680,6 +680,25 @@ def test_a_long_trip_hands_over_text_as_it_goes_and_yields_to_other_calls(
     assert len(scored) == len("To be")
 
 
+def test_a_trip_ends_while_the_event_loop_has_not_taken_its_last_hand_over(
+    tiny_model: Callable[..., CharRNN], vocab: Vocab
+) -> None:
+    async def main() -> tuple[list[int], int]:
+        engine = make_engine(tiny_model("lstm"), vocab, step_budget=0.001)
+        trips = count_trips(engine)
+        engine._push = lambda texts: None  # type: ignore[method-assign]  # an event loop too busy to take them
+        async with started(engine):
+            runner = engine.submit(request(vocab, "A", FOREVER))
+            await until(lambda: len(trips) >= 5)  # the trips end one budget after their one hand-over
+            runner.abort()
+            await collect(runner)
+            return trips, engine.handed
+
+    trips, handed = run(main())
+    assert len(trips) >= 5
+    assert handed <= len(trips)  # at most one hand-over a trip: none piles up behind a busy event loop
+
+
 # -- the compute thread and the batch's kernels -----------------------------------------------------
 
 
