@@ -81,7 +81,11 @@ def _session(model: CharRNN, fn: Step, ids: Tensor, threads: int,
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle between calls: no busy-wait
+    # the threads spin between the parallel sections of a call (a step of a few rows is a handful of
+    # short matrix products, each of which would otherwise wake a sleeping thread) and stop as soon as
+    # the call returns: between calls they take no core from the event loop
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
