@@ -40,6 +40,9 @@ def test_bench_measures_both_engines_and_writes_the_tables(tmp_path: Path, monke
         assert sum(phases.values()) <= 1.05  # shares of one thread's wall time
     ref = data["reference"][0]
     assert ref["bound_chars_per_s"] > 0 and ref["served_streams"] == 4
+    # the bound is at the faster kernel's rate
+    assert set(ref["matmul_gflops_by"]) == {"torch", "onnxruntime"}
+    assert ref["matmul_gflops"] == max(ref["matmul_gflops_by"].values()) > 0
     # quick: 100 characters after a 100-character prompt, so twice as many characters through the network
     for mode in ("batched", "int8"):
         assert ref["processed_chars_per_s"][mode] == pytest.approx(2 * ref["served_chars_per_s"][mode])
@@ -49,3 +52,4 @@ def test_bench_measures_both_engines_and_writes_the_tables(tmp_path: Path, monke
     assert "| tiny-lstm | aggregate chars/s, 4 streams |" in text and "| tiny-lstm | continue after 1,000 chars" in text
     assert "| tiny-lstm | fp32 | 4 |" in text and "| tiny-lstm | int8 | 4 |" in text and "compute thread idle" in text
     assert "rnnserve, int8 weights" in text
+    assert "onnxruntime " in text and " GFLOP/s)" in text
