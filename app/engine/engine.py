@@ -222,7 +222,7 @@ class ModelEngine:
         loop = asyncio.get_running_loop()
 
         def deliver(texts: list[tuple[Stream, str]]) -> None:  # from the compute thread, mid-trip
-            loop.call_soon_threadsafe(self._push, texts)
+            loop.call_soon_threadsafe(self._take, texts)
 
         while True:
             if not (self.waiting or self.prefilling or self.running):
@@ -242,15 +242,18 @@ class ModelEngine:
             name = self.ckpt.name
             metrics.QUEUE.labels(name).set(len(self.waiting))
             metrics.ACTIVE.labels(name).set(self.load)
+            self._send([(s, s.seq.take_unsent()) for s in touched])
             for stream in touched:
-                text = stream.seq.take_unsent()
-                if text:
-                    stream.push_text(text)
                 if stream.seq.final is not None and stream.result is None:
                     stream.finish(stream.seq.final)
 
-    def _push(self, texts: list[tuple[Stream, str]]) -> None:
+    def _take(self, texts: list[tuple[Stream, str]]) -> None:
+        """A hand-over from a trip under way, on the event loop."""
         self.taken += 1
+        self._send(texts)
+
+    @staticmethod
+    def _send(texts: list[tuple[Stream, str]]) -> None:
         for stream, text in texts:
             if text:
                 stream.push_text(text)

@@ -686,7 +686,7 @@ def test_a_trip_ends_while_the_event_loop_has_not_taken_its_last_hand_over(
     async def main() -> tuple[list[int], int]:
         engine = make_engine(tiny_model("lstm"), vocab, step_budget=0.001)
         trips = count_trips(engine)
-        engine._push = lambda texts: None  # type: ignore[method-assign]  # an event loop too busy to take them
+        engine._take = lambda texts: None  # type: ignore[method-assign]  # an event loop too busy to take them
         async with started(engine):
             runner = engine.submit(request(vocab, "A", FOREVER))
             await until(lambda: len(trips) >= 5)  # the trips end one budget after their one hand-over
