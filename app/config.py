@@ -51,9 +51,9 @@ class Settings(BaseSettings):
         20.0,
         ge=0,
         le=1000,
-        description="Milliseconds of decoding steps between handing the streams their characters (at least 1 ms "
-        "per running stream; a new request, a first character or a finished row hands them over sooner); 0: one "
-        "step per trip to the compute thread.",
+        description="Milliseconds of decoding steps per trip to the compute thread before the streams get "
+        "their characters (at least 1 ms per running stream; a new request, a first character or a finished row "
+        "ends a trip sooner); 0: one step.",
     )
     max_queue: int = Field(256, ge=0, description="Generations waiting for a slot, per model; beyond: 429.")
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest accepted request body; beyond: 413.")

@@ -45,23 +45,10 @@ def _advance(steps: Steps[Any], budget: float) -> tuple[bool, Any]:
 class Compute:
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="compute")
-        # calls submitted (counted on the event loop) and started (counted on the thread): each
-        # counter has one writer, so no lock
-        self._submitted = self._started = 0
-
-    @property
-    def wanted(self) -> bool:
-        """Whether another call waits for the thread (asked on the thread, by a call that could go on)."""
-        return self._submitted > self._started
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """fn(*args) on the compute thread, awaited from the event loop."""
-        self._submitted += 1
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._start, fn, *args)
-
-    def _start(self, fn: Callable[..., T], *args: object) -> T:
-        self._started += 1
-        return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def run_steps(self, steps: Steps[T], budget: float) -> T:
         """A step-wise computation on the compute thread, in slices of about `budget` seconds."""

@@ -26,14 +26,14 @@ log = logging.getLogger(__name__)
 # matmuls can), steps run on a batch padded to a multiple of this many rows: a row then gets the
 # same bits whatever else is in the batch, so a seeded request's text never depends on load.
 ROW_MULTIPLE = 8
-# The compute thread decodes this long before it hands the streams their characters (sooner where
-# something needs the event loop: a request waiting to join, a prompt being read, a row's first
-# character or end). The cost of a stream event is then paid once per burst of characters, not per step.
+# One trip to the compute thread decodes steps until this much time has passed (or something needs
+# the event loop: a request waiting to join, a prompt being read, a row's first character or end).
+# The cost of a trip and of a stream event is then paid once per burst of characters, not per step.
 STEP_BUDGET_S = 0.02
-# Each stream a hand-over touches costs an event (an SSE frame or a WebSocket message, sent here and
-# parsed by the client, on the cores the steps need): hand-overs are at least this long apart per
-# running row, so a full batch sends about 1,000 events a second, however many rows it has (on 2
-# cores, 2,000 a second cost 10-15% of the throughput at 32 and 128 streams).
+# Each stream a trip touches costs an event (an SSE frame or a WebSocket message, sent here and
+# parsed by the client, on the cores the steps need): a trip lasts at least this long per running
+# row, so a full batch sends about 1,000 events a second, however many rows it has (on 2 cores,
+# 2,000 a second cost 10-15% of the throughput at 32 and 128 streams).
 TRIP_S_PER_ROW = 0.001
 # A step reads about this many chunks' worth of prompt characters, over all the streams still
 # reading theirs (together where one call can read them all, else one at a time, round robin): a
@@ -151,9 +151,6 @@ class ModelEngine:
         self.state: State | None = None
         self.beams = 0
         self.steps = 0
-        # hand-overs of text from a trip under way: made (counted on the compute thread) and taken
-        # (on the event loop); each counter has one writer
-        self.handed = self.taken = 0
         self.draining = False
         self.stopped = False
         self.streams: set[Stream] = set()  # every admitted stream not yet finished
@@ -219,11 +216,6 @@ class ModelEngine:
     # -- the loop ------------------------------------------------------------------------
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-
-        def deliver(texts: list[tuple[Stream, str]]) -> None:  # from the compute thread, mid-trip
-            loop.call_soon_threadsafe(self._take, texts)
-
         while True:
             if not (self.waiting or self.prefilling or self.running):
                 self._wake.clear()
@@ -235,54 +227,30 @@ class ModelEngine:
                 self.waiting.remove(stream)
             admitted = gone + [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
             try:
-                touched = await self.compute.run(self._steps, admitted, deliver)
+                touched = await self.compute.run(self._steps, admitted)
             except Exception:
                 log.exception("engine step failed for model %s; failing its running requests", self.ckpt.name)
                 touched = self._fail_all()
             name = self.ckpt.name
             metrics.QUEUE.labels(name).set(len(self.waiting))
             metrics.ACTIVE.labels(name).set(self.load)
-            self._send([(s, s.seq.take_unsent()) for s in touched])
             for stream in touched:
+                text = stream.seq.take_unsent()
+                if text:
+                    stream.push_text(text)
                 if stream.seq.final is not None and stream.result is None:
                     stream.finish(stream.seq.final)
 
-    def _take(self, texts: list[tuple[Stream, str]]) -> None:
-        """A hand-over from a trip under way, on the event loop."""
-        self.taken += 1
-        self._send(texts)
-
-    @staticmethod
-    def _send(texts: list[tuple[Stream, str]]) -> None:
-        for stream, text in texts:
-            if text:
-                stream.push_text(text)
-
     @torch.inference_mode()
-    def _steps(self, admitted: list[Stream], deliver: Callable[[list[tuple[Stream, str]]], None]) -> list[Stream]:
-        """One trip off the event loop: a step, then more while every row just keeps decoding.
-
-        Each time the step budget runs out, the text made so far goes to `deliver` and the trip goes
-        on: the event loop sends the text while the next steps run, instead of the steps waiting for
-        the event loop. Unless another call waits for the compute thread, or the event loop has not
-        yet taken the last hand-over (busy, it would see a client's disconnect or cancel late while
-        the steps ran on): the trip then ends there. Returns the streams with news since the last
-        hand-over (each once, in order)."""
+    def _steps(self, admitted: list[Stream]) -> list[Stream]:
+        """One trip off the event loop: a step, then more while every row just keeps decoding and
+        the step budget lasts. Returns the streams with news (each once, in order)."""
         start = time.perf_counter()
-        budget = trip_budget(self.step_budget, len(self.running))
+        deadline = start + trip_budget(self.step_budget, len(self.running))
         try:
             news = self._step(admitted)
             touched = dict.fromkeys(news)
-            while self._only_decoding(news):
-                now = time.perf_counter()
-                if now >= start + budget:
-                    if not budget or self.compute.wanted or self.taken < self.handed:
-                        break
-                    self.handed += 1
-                    deliver([(s, s.seq.take_unsent()) for s in touched])
-                    touched = {}
-                    self._account(now - start)
-                    start = now
+            while self._only_decoding(news) and time.perf_counter() < deadline:
                 news = self._step([])
                 touched.update(dict.fromkeys(news))
             return list(touched)
@@ -482,7 +450,7 @@ class ModelEngine:
 
 
 def trip_budget(step_budget: float, rows: int) -> float:
-    """Seconds of steps between hand-overs: the step budget, longer for a large batch; 0 (one step per trip) stays 0."""
+    """Seconds of steps in one trip: the step budget, longer for a large batch; 0 (one step) stays 0."""
     return max(step_budget, TRIP_S_PER_ROW * rows) if step_budget else 0.0
 
 

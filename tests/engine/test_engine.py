@@ -599,9 +599,9 @@ def count_trips(engine: ModelEngine) -> list[int]:
     trips: list[int] = []
     steps = engine._steps
 
-    def counted(admitted: list[Stream], deliver: Callable[[list[tuple[Stream, str]]], None]) -> list[Stream]:
+    def counted(admitted: list[Stream]) -> list[Stream]:
         before = engine.steps
-        touched = steps(admitted, deliver)
+        touched = steps(admitted)
         trips.append(engine.steps - before)
         return touched
 
@@ -653,50 +653,6 @@ def test_a_trip_ends_for_a_new_request_and_for_an_abort(tiny_model: Callable[...
     short, aborted = run(main())
     assert short.finish_reason == "length" and len(short.ids) == 5
     assert aborted.finish_reason == "cancelled"
-
-
-def test_a_long_trip_hands_over_text_as_it_goes_and_yields_to_other_calls(
-    tiny_model: Callable[..., CharRNN], vocab: Vocab
-) -> None:
-    async def main() -> tuple[list[int], list[str], list[float]]:
-        engine = make_engine(tiny_model("lstm"), vocab, step_budget=0.001)
-        trips = count_trips(engine)
-        async with started(engine):
-            runner = engine.submit(request(vocab, "A", FOREVER))
-            pieces = [await runner.next() for _ in range(6)]
-            trips_so_far = list(trips)
-            # another call for the compute thread gets it at the end of the running budget
-            scored = await asyncio.wait_for(engine.score([vocab.bos, *vocab.encode("To be")]), 10)
-            await until(lambda: len(trips) > len(trips_so_far))  # the trip ended for it ...
-            more = await asyncio.wait_for(runner.next(), 10)  # ... and decoding went on
-            runner.abort()
-            await collect(runner)
-            return trips_so_far, [*pieces, more], scored
-
-    trips_so_far, pieces, scored = run(main())
-    # the first character ends a trip; then one trip goes on, its text delivered every millisecond
-    assert len(trips_so_far) <= 2
-    assert all(isinstance(p, str) and p for p in pieces)
-    assert len(scored) == len("To be")
-
-
-def test_a_trip_ends_while_the_event_loop_has_not_taken_its_last_hand_over(
-    tiny_model: Callable[..., CharRNN], vocab: Vocab
-) -> None:
-    async def main() -> tuple[list[int], int]:
-        engine = make_engine(tiny_model("lstm"), vocab, step_budget=0.001)
-        trips = count_trips(engine)
-        engine._take = lambda texts: None  # type: ignore[method-assign]  # an event loop too busy to take them
-        async with started(engine):
-            runner = engine.submit(request(vocab, "A", FOREVER))
-            await until(lambda: len(trips) >= 5)  # the trips end one budget after their one hand-over
-            runner.abort()
-            await collect(runner)
-            return trips, engine.handed
-
-    trips, handed = run(main())
-    assert len(trips) >= 5
-    assert handed <= len(trips)  # at most one hand-over a trip: none piles up behind a busy event loop
 
 
 # -- the compute thread and the batch's kernels -----------------------------------------------------
