@@ -400,14 +400,16 @@ class ModelEngine:
         self.spent["step"] += stepped - start
         self.state = select_state(state, torch.arange(n)) if pad else state
         self.batch_sizes.observe(n)
-        self.chars_made.inc(sum(s.seq.finish_reason is None for s in self.running))
         seqs = [s.seq for s in self.running]
         if not self.sampler.fits(seqs):  # the batch changed: the sampling columns are rebuilt
             self.sampler = RowSampler(seqs)
         chosen = self.sampler.choose(logits[:n])
+        made = 0
         for i, seq in enumerate(seqs):
             if seq.finish_reason is None:
                 seq.advance(logits[i] if seq.req.logprobs else None, chosen[i])
+                made += 1
+        self.chars_made.inc(made)
         self.spent["choose"] += time.perf_counter() - stepped
 
     def _fail_all(self) -> list[Stream]:

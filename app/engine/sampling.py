@@ -136,7 +136,8 @@ def draw(probs: Tensor, uniforms: Sequence[float] | np.ndarray) -> list[int]:
 
     Never a token of probability 0 (the search is for the first cumulative mass strictly above).
     """
-    cdf = torch.cumsum(probs, dim=-1).numpy()  # (B, V), non-decreasing along each row
+    # (B, V), non-decreasing along each row; summed in float64 and rounded, as torch.cumsum does on a CPU
+    cdf = np.cumsum(probs.numpy(), axis=-1, dtype=np.float64).astype(np.float32)
     # in float64, then rounded to the cdf's float32; numpy here: a few small torch ops cost more than the rest
     target = (np.asarray(uniforms, dtype=np.float64).reshape(-1, 1) * cdf[:, -1:]).astype(cdf.dtype)
     # the first index whose cumulative mass is above the target: the count of those at or below it

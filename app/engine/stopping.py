@@ -17,6 +17,8 @@ class StopChecker:
         Text is read character by character, as it is generated: the first stop string to be
         completed wins (of several completed by the same character, the one starting earliest).
         """
+        if not self.stops:
+            return text, False
         out = []
         for ch in text:
             self.buffer += ch
