@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
 from app import bench
 from app.checkpoint import save_checkpoint
+from app.config import Settings
 from app.nn import CharRNN, ModelConfig
 from app.vocab import Vocab
+from tests.api.conftest import LiveServer, write_tiny_models
+
+
+def test_stream_once_counts_the_streamed_characters_and_raises_on_an_error(tmp_path: Path) -> None:
+    write_tiny_models(tmp_path)
+    with LiveServer(Settings(models_dir=tmp_path, default_model="tiny-lstm", step_budget_ms=1)) as server:
+        body = {"prompt": "ab", "max_tokens": 300, "seed": 3, "stop": ["ba"], "save_session": False}
+        first, seconds, chars = asyncio.run(bench.stream_once(server.url, body))
+        text = httpx.post(f"{server.url}/generate", json=body).json()["text"]
+        assert chars == len(text) > 0  # over several events (a 1 ms step budget), the stop string held back
+        assert 0 < first <= seconds
+        with pytest.raises(RuntimeError, match=r"(?s)422 .*max_tokens"):
+            asyncio.run(bench.stream_once(server.url, {**body, "max_tokens": 0}))
 
 
 def test_bench_measures_both_engines_and_writes_the_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
