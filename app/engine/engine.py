@@ -8,6 +8,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from app import metrics
@@ -386,7 +387,7 @@ class ModelEngine:
         assert self.state is not None
         n = len(self.running)
         pad = -n % self.row_multiple
-        ids = torch.tensor([s.seq.pending for s in self.running] + [0] * pad)  # (B,)
+        ids = torch.from_numpy(np.array([s.seq.pending for s in self.running] + [0] * pad, dtype=np.int64))  # (B,)
         state = self.state
         if pad:
             state = stack_states([state, self.model.zero_state(pad)])
@@ -403,7 +404,7 @@ class ModelEngine:
         seqs = [s.seq for s in self.running]
         if not self.sampler.fits(seqs):  # the batch changed: the sampling columns are rebuilt
             self.sampler = RowSampler(seqs)
-        chosen = self.sampler.choose(logits[:n])
+        chosen = self.sampler.choose(logits[:n] if pad else logits)
         made = 0
         for i, seq in enumerate(seqs):
             if seq.finish_reason is None:
@@ -471,6 +472,8 @@ class RowSampler:
         self.top_k = self._column([p.top_k for p in params], 0)
         self.top_p = self._column([p.top_p for p in params], 1.0)
         self.min_p = self._column([p.min_p for p in params], 0.0)
+        columns = (self.temperature, self.top_k, self.top_p, self.min_p)
+        self.filtering = any(isinstance(c, torch.Tensor) for c in columns)  # a filter on for some row
 
     @staticmethod
     def _key(seqs: list[Sequence]) -> tuple[int, ...]:
@@ -488,10 +491,11 @@ class RowSampler:
     def choose(self, logits: torch.Tensor) -> list[int]:
         if not self.rows:
             return logits.argmax(dim=-1).tolist()
-        every = len(self.rows) == len(logits)  # every row samples: no gather, no scatter
+        every = len(self.rows) == logits.shape[0]  # every row samples: no gather, no scatter
         sampled = logits if every else logits[self.rows]
-        filtered = filter_logits(sampled, self.temperature, self.top_k, self.top_p, self.min_p)
-        drawn = draw(softmax(filtered), [seq.uniform() for seq in self.sampling])
+        if self.filtering:
+            sampled = filter_logits(sampled, self.temperature, self.top_k, self.top_p, self.min_p)
+        drawn = draw(softmax(sampled), [seq.uniform() for seq in self.sampling])
         if every:
             return drawn
         chosen = logits.argmax(dim=-1).tolist()

@@ -54,8 +54,10 @@ def softmax(logits: Tensor) -> Tensor:
     streams, that took half a core and a fifth of the throughput.
     """
     x = logits.detach().numpy()
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return torch.from_numpy(e / e.sum(axis=-1, keepdims=True))
+    # the ufuncs' own reductions: the array methods (max, sum) go through a Python wrapper each, which at
+    # one row costs as much as the arithmetic
+    e = np.exp(x - np.maximum.reduce(x, axis=-1, keepdims=True))
+    return torch.from_numpy(e / np.add.reduce(e, axis=-1, keepdims=True))
 
 
 def _column(value: Param, logits: Tensor) -> Tensor:
@@ -137,11 +139,11 @@ def draw(probs: Tensor, uniforms: Sequence[float] | np.ndarray) -> list[int]:
     Never a token of probability 0 (the search is for the first cumulative mass strictly above).
     """
     # (B, V), non-decreasing along each row; summed in float64 and rounded, as torch.cumsum does on a CPU
-    cdf = np.cumsum(probs.numpy(), axis=-1, dtype=np.float64).astype(np.float32)
+    cdf = np.add.accumulate(probs.numpy(), axis=-1, dtype=np.float64).astype(np.float32)
     # in float64, then rounded to the cdf's float32; numpy here: a few small torch ops cost more than the rest
-    target = (np.asarray(uniforms, dtype=np.float64).reshape(-1, 1) * cdf[:, -1:]).astype(cdf.dtype)
+    target = (np.asarray(uniforms, dtype=np.float64).reshape(-1, 1) * cdf[:, -1:]).astype(np.float32)
     # the first index whose cumulative mass is above the target: the count of those at or below it
-    return np.minimum((cdf <= target).sum(axis=1), probs.shape[-1] - 1).tolist()
+    return np.minimum(np.add.reduce(cdf <= target, axis=1), probs.shape[-1] - 1).tolist()
 
 
 def choose(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
