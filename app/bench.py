@@ -131,65 +131,83 @@ async def stream_once(url: str, body: dict[str, Any]) -> tuple[float, float, int
     return first or 0.0, time.perf_counter() - start, chars
 
 
-async def measure(url: str, mode: str, model: str, history: str, cfg: dict[str, Any]) -> Result:
-    res = Result(mode, model)
+async def measure(urls: dict[str, str], model: str, history: str, cfg: dict[str, Any]) -> list[Result]:
+    """Every measurement of `model` on every server (mode -> URL), each taken on the servers one
+    right after the other: a shared machine's speed drifts over minutes, and the ratios compare
+    figures measured seconds apart, not the length of a whole server's run."""
+    results = {mode: Result(mode, model) for mode in urls}
     # a new connection per request: one left idle past the server's keep-alive timeout (while the
     # naive server works through the streams) may be closed just as it is reused
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_keepalive_connections=0)) as client:
         prompt = history[:100]
         body = {"model": model, "prompt": prompt, "save_session": False}
-        res.prompt_chars, res.per_stream = len(prompt), cfg["per_stream"]
-        await stream_once(url, {**body, "max_tokens": 20})  # warm-up: first-call costs
+        for mode, url in urls.items():
+            results[mode].prompt_chars, results[mode].per_stream = len(prompt), cfg["per_stream"]
+            await stream_once(url, {**body, "max_tokens": 20})  # warm-up: first-call costs
         # the median of a few runs: one run of a few seconds on a shared 2-core machine is at the
         # mercy of whatever else ran in those seconds
-        singles = []
+        singles: dict[str, list[float]] = {mode: [] for mode in urls}
         for seed in range(1, cfg["single_runs"] + 1):
-            _, seconds, chars = await stream_once(url, {**body, "max_tokens": cfg["single"], "seed": seed})
-            singles.append(chars / seconds)
-        res.single_chars_per_s = statistics.median(singles)
+            for mode, url in urls.items():
+                _, seconds, chars = await stream_once(url, {**body, "max_tokens": cfg["single"], "seed": seed})
+                singles[mode].append(chars / seconds)
+        for mode, rates in singles.items():
+            results[mode].single_chars_per_s = statistics.median(rates)
         for c in cfg["concurrency"]:
-            spent = await engine_seconds(client, url, model)
-            # a run of a fraction of a second moves with whatever else the machine does in it: the
-            # median of as many runs as fit in `min_seconds` (at least one, at most `max_runs`)
-            rates: list[float] = []
-            ttfc: list[float] = []
-            walls = 0.0
-            while not rates or (len(rates) < cfg["max_runs"] and walls < cfg["min_seconds"]):
-                t0 = time.perf_counter()
-                if c == 1:  # one stream at a time, several times: a percentile needs more than one sample
-                    runs = [
-                        await stream_once(url, {**body, "max_tokens": cfg["per_stream"], "seed": i})
-                        for i in range(cfg["sequential"])
-                    ]
-                else:
-                    runs = await asyncio.gather(
-                        *(stream_once(url, {**body, "max_tokens": cfg["per_stream"], "seed": i}) for i in range(c))
-                    )
-                wall = time.perf_counter() - t0
-                walls += wall
-                rates.append(sum(r[2] for r in runs) / wall)
-                ttfc += [r[0] * 1000 for r in runs]
-            after = await engine_seconds(client, url, model)
-            res.phases[c] = {phase: (after[phase] - spent[phase]) / walls for phase in PHASES}
-            res.aggregate_chars_per_s[c], res.runs[c] = statistics.median(rates), len(rates)
-            res.ttfc_ms[c] = (percentile(ttfc, 0.5), percentile(ttfc, 0.99))
+            for mode, url in urls.items():
+                await concurrent(client, url, results[mode], body, c, cfg)
         for n in cfg["histories"]:
             text = (history * (n // len(history) + 1))[:n]
-            cont = {"model": model, "max_tokens": 20, "strategy": "greedy", "save_session": False}
-            if mode == "naive":  # no state cache: the history is read again every time
-                cont["prompt"] = text
-            else:
-                made = await client.post(f"{url}/generate", json={"model": model, "prompt": text, "max_tokens": 1})
-                made.raise_for_status()
-                cont["session_id"] = made.json()["session_id"]
-            times = []
-            for _ in range(cfg["repeats"] if n <= 1000 or mode != "naive" else 1):
-                t0 = time.perf_counter()
-                r = await client.post(f"{url}/generate", json=cont)
-                r.raise_for_status()
-                times.append((time.perf_counter() - t0) * 1000)
-            res.continuation_ms[n] = statistics.median(times)
-    return res
+            for mode, url in urls.items():
+                results[mode].continuation_ms[n] = await continuation(client, url, mode, model, text, cfg)
+    return list(results.values())
+
+
+async def concurrent(
+    client: httpx.AsyncClient, url: str, res: Result, body: dict[str, Any], c: int, cfg: dict[str, Any]
+) -> None:
+    """`c` streams at once: aggregate chars/s, first-character percentiles, the compute thread's phases."""
+    spent = await engine_seconds(client, url, res.model)
+    # a run of a fraction of a second moves with whatever else the machine does in it: the
+    # median of as many runs as fit in `min_seconds` (at least one, at most `max_runs`)
+    rates: list[float] = []
+    ttfc: list[float] = []
+    walls = 0.0
+    streams = [{**body, "max_tokens": cfg["per_stream"], "seed": i} for i in range(cfg["sequential"] if c == 1 else c)]
+    while not rates or (len(rates) < cfg["max_runs"] and walls < cfg["min_seconds"]):
+        t0 = time.perf_counter()
+        if c == 1:  # one stream at a time, several times: a percentile needs more than one sample
+            runs = [await stream_once(url, stream) for stream in streams]
+        else:
+            runs = await asyncio.gather(*(stream_once(url, stream) for stream in streams))
+        wall = time.perf_counter() - t0
+        walls += wall
+        rates.append(sum(r[2] for r in runs) / wall)
+        ttfc += [r[0] * 1000 for r in runs]
+    after = await engine_seconds(client, url, res.model)
+    res.phases[c] = {phase: (after[phase] - spent[phase]) / walls for phase in PHASES}
+    res.aggregate_chars_per_s[c], res.runs[c] = statistics.median(rates), len(rates)
+    res.ttfc_ms[c] = (percentile(ttfc, 0.5), percentile(ttfc, 0.99))
+
+
+async def continuation(
+    client: httpx.AsyncClient, url: str, mode: str, model: str, history: str, cfg: dict[str, Any]
+) -> float:
+    """Median milliseconds of a 20-character greedy continuation after `history`."""
+    cont = {"model": model, "max_tokens": 20, "strategy": "greedy", "save_session": False}
+    if mode == "naive":  # no state cache: the history is read again every time
+        cont["prompt"] = history
+    else:
+        made = await client.post(f"{url}/generate", json={"model": model, "prompt": history, "max_tokens": 1})
+        made.raise_for_status()
+        cont["session_id"] = made.json()["session_id"]
+    times = []
+    for _ in range(cfg["repeats"] if len(history) <= 1000 or mode != "naive" else 1):
+        t0 = time.perf_counter()
+        r = await client.post(f"{url}/generate", json=cont)
+        r.raise_for_status()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
 
 
 async def engine_seconds(client: httpx.AsyncClient, url: str, model: str) -> dict[str, float]:
@@ -293,17 +311,22 @@ def run(
     cfg.update(concurrency=concurrency, histories=histories, min_seconds=5.0)
     test_split = Path("data/shakespeare/test.txt")
     history = test_split.read_text() if test_split.exists() else FALLBACK_TEXT
-    results = []
-    for mode, settings in MODES.items():
-        server = Server({**settings, "RNNSERVE_MODELS_DIR": str(models_dir), "RNNSERVE_MAX_QUEUE": "512"})
-        try:
+    servers = {
+        mode: Server({**settings, "RNNSERVE_MODELS_DIR": str(models_dir), "RNNSERVE_MAX_QUEUE": "512"})
+        for mode, settings in MODES.items()
+    }  # all up at once: each idles (its threads asleep) while another is measured
+    results: list[Result] = []
+    refs = []
+    try:
+        for server in servers.values():
             server.wait_ready()
-            for model in models:
-                print(f"{mode}: {model} ...", flush=True)
-                results.append(asyncio.run(measure(server.url, mode, model, history, cfg)))
-        finally:
+        for model in models:
+            print(f"{model} ...", flush=True)
+            results += asyncio.run(measure({mode: s.url for mode, s in servers.items()}, model, history, cfg))
+            refs.append(reference(models_dir / model, results))  # the bound, measured beside its model's runs
+    finally:
+        for server in servers.values():
             server.stop()
-    refs = [reference(models_dir / m, results) for m in models]
     report = f"Measured on {machine()}; ratios are rnnserve over the naive baseline (latency: naive over rnnserve).\n\n"
     report += table(results) + "\n\n" + reference_table(refs) + "\n\n" + phase_table(results)
     if out is not None:
