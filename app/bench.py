@@ -135,14 +135,13 @@ async def measure(urls: dict[str, str], model: str, history: str, cfg: dict[str,
     """Every measurement of `model` on every server (mode -> URL), each taken on the servers one
     right after the other: a shared machine's speed drifts over minutes, and the ratios compare
     figures measured seconds apart, not the length of a whole server's run."""
-    results = {mode: Result(mode, model) for mode in urls}
+    prompt = history[:100]
+    body = {"model": model, "prompt": prompt, "save_session": False}
+    results = {mode: Result(mode, model, prompt_chars=len(prompt), per_stream=cfg["per_stream"]) for mode in urls}
     # a new connection per request: one left idle past the server's keep-alive timeout (while the
     # naive server works through the streams) may be closed just as it is reused
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_keepalive_connections=0)) as client:
-        prompt = history[:100]
-        body = {"model": model, "prompt": prompt, "save_session": False}
-        for mode, url in urls.items():
-            results[mode].prompt_chars, results[mode].per_stream = len(prompt), cfg["per_stream"]
+        for url in urls.values():
             await stream_once(url, {**body, "max_tokens": 20})  # warm-up: first-call costs
         # the median of a few runs: one run of a few seconds on a shared 2-core machine is at the
         # mercy of whatever else ran in those seconds
