@@ -19,7 +19,13 @@ from urllib.parse import urlsplit
 import httpx
 import torch
 
+from app.checkpoint import Checkpoint
+from app.config import Settings
+from app.engine.engine import Engine, Stream
+from app.engine.sampling import SamplingParams
+from app.engine.sequence import GenerationRequest
 from app.metrics import PHASES
+from app.nn import CharRNN
 from app.readme import write_section
 
 CONCURRENCY = (1, 8, 32, 128)
@@ -32,6 +38,7 @@ MODES = {
 }
 SERVED = {"batched": "fp32", "int8": "int8"}  # the modes that are rnnserve's engine, and their weights
 HISTORIES = (100, 100_000)
+PROMPT_CHARS = 100  # of each stream of the single-stream and concurrency runs
 FALLBACK_TEXT = (
     "Tomorrow, and tomorrow, and tomorrow,\nCreeps in this petty pace from day to day,\n"
     "To the last syllable of recorded time;\nAnd all our yesterdays have lighted fools\n"
@@ -135,7 +142,7 @@ async def measure(urls: dict[str, str], model: str, history: str, cfg: dict[str,
     """Every measurement of `model` on every server (mode -> URL), each taken on the servers one
     right after the other: a shared machine's speed drifts over minutes, and the ratios compare
     figures measured seconds apart, not the length of a whole server's run."""
-    prompt = history[:100]
+    prompt = history[:PROMPT_CHARS]
     body = {"model": model, "prompt": prompt, "save_session": False}
     results = {mode: Result(mode, model, prompt_chars=len(prompt), per_stream=cfg["per_stream"]) for mode in urls}
     # a new connection per request: one left idle past the server's keep-alive timeout (while the
@@ -323,7 +330,8 @@ def run(
         for model in models:
             print(f"{model} ...", flush=True)
             results += asyncio.run(measure({mode: s.url for mode, s in servers.items()}, model, history, cfg))
-            refs.append(reference(models_dir / model, results))  # the bound, right after its model's streams
+            # the in-process layers and the bound right after the model's streams
+            refs.append(reference(models_dir / model, results, history[:PROMPT_CHARS], cfg["max_runs"]))
     finally:
         for server in servers.values():
             server.stop()
@@ -336,29 +344,114 @@ def run(
     return report
 
 
-@torch.inference_mode()
-def reference(model_dir: Path, results: list[Result], steps: int = 300) -> dict[str, Any]:
-    """In-process reference points: the ONNX Runtime step loop without a server, the matmul-bound
-    ceiling of the step on this machine (every row at its matrix-multiply rate), and the bytes of
-    one stored session."""
+def reference(model_dir: Path, results: list[Result], prompt: str, runs: int, steps: int = 300) -> dict[str, Any]:
+    """In-process reference points for the most streams measured over HTTP, each a layer less than
+    the server: the engine alone (the same streams, no HTTP), the ceiling of its kernels (ONNX
+    Runtime's bare step loop and prompt reader, nothing else), and the matmul-bound ceiling of the
+    step (every row at the machine's matrix-multiply rate); and the bytes of one stored session."""
     from app.checkpoint import load_checkpoint
-    from app.nn.onnx_step import OnnxStep
-    from app.sessions.record import SessionRecord, encode_state
 
     ckpt = load_checkpoint(model_dir)
-    model, cfg = ckpt.model, ckpt.model.config
-    ort_rate: dict[str, dict[int, float]] = {}
-    for weights in ("fp32", "int8"):
-        step = OnnxStep(model, threads=torch.get_num_threads(), weights=weights)
-        ort_rate[weights] = {}
-        for batch in (1, 32, 128):
-            ids, state = torch.zeros(batch, dtype=torch.long), model.zero_state(batch)
-            for _ in range(10):  # warm-up: a shape's first runs allocate
-                _, state = step(ids, state)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                _, state = step(ids, state)
-            ort_rate[weights][batch] = batch * steps / (time.perf_counter() - t0)
+    served = {r.mode: r for r in results if r.mode in SERVED and r.model == ckpt.name}
+    first = served["batched"]
+    streams, per_stream = max(first.aggregate_chars_per_s), first.per_stream
+    ids = [ckpt.vocab.bos, *ckpt.vocab.encode(prompt)]  # as a request's prompt is fed
+    loops, engine = {}, {}
+    for weights in SERVED.values():
+        loops[weights] = step_loop(ckpt.model, weights, sorted({1, 32, 128, streams}), steps)
+        engine[weights] = asyncio.run(engine_alone(ckpt, weights, ids, streams, per_stream, runs))
+    reading = read_rate(ckpt.model, streams, len(ids))
+    # the prompt read (its logits give the first character), then a step per further character
+    kernels = {w: per_stream / (len(ids) / reading + (per_stream - 1) / loop[streams]) for w, loop in loops.items()}
+    bound = flops_bound(ckpt.model)
+    return {
+        "model": ckpt.name,
+        "ort_chars_per_s": loops,
+        "read_chars_per_s": reading,
+        **bound,
+        "streams": streams,
+        "kernels_chars_per_s": kernels,
+        "engine_chars_per_s": engine,
+        "served_chars_per_s": {w: served[mode].aggregate_chars_per_s[streams] for mode, w in SERVED.items()},
+        # every character through the network: each stream's prompt is read as well as its output made
+        "prompt_share": first.prompt_chars / (first.prompt_chars + per_stream),
+        "session_bytes": session_bytes(ckpt),
+    }
+
+
+@torch.inference_mode()
+def step_loop(model: CharRNN, weights: str, batches: list[int], steps: int) -> dict[int, float]:
+    """Chars/s of ONNX Runtime's decoding step called in a loop, nothing else, at each batch size."""
+    from app.nn.onnx_step import OnnxStep
+
+    step = OnnxStep(model, threads=torch.get_num_threads(), weights=weights)
+    rates = {}
+    for batch in batches:
+        ids, state = torch.zeros(batch, dtype=torch.long), model.zero_state(batch)
+        for _ in range(10):  # warm-up: a shape's first runs allocate
+            _, state = step(ids, state)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            _, state = step(ids, state)
+        rates[batch] = batch * steps / (time.perf_counter() - t0)
+    return rates
+
+
+@torch.inference_mode()
+def read_rate(model: CharRNN, rows: int, length: int, repeats: int = 5) -> float:
+    """Chars/s of ONNX Runtime's prompt reader taking `rows` prompts of `length` at once (best of `repeats`)."""
+    from app.nn.onnx_step import OnnxPrefill
+
+    reader = OnnxPrefill(model, threads=torch.get_num_threads())
+    prompts = [[(i + j) % model.config.vocab_size for j in range(length)] for i in range(rows)]
+    reader(prompts, model.zero_state(rows))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        reader(prompts, model.zero_state(rows))
+        best = min(best, time.perf_counter() - t0)
+    return rows * length / best
+
+
+async def engine_alone(
+    ckpt: Checkpoint, weights: str, ids: list[int], streams: int, per_stream: int, runs: int
+) -> float:
+    """Aggregate chars/s of `streams` generations of `per_stream` characters after `ids`, submitted
+    together to the server's engine in this process: the median of `runs` runs, no HTTP."""
+    settings = Settings()
+    engine = Engine(settings.max_batch, settings.max_queue, step=settings.step, weights=weights,
+                    step_budget=settings.step_budget_ms / 1000)  # fmt: skip
+    await engine.start({ckpt.name: ckpt})
+
+    async def drain(stream: Stream) -> int:
+        chars = 0
+        while True:
+            try:
+                got = await stream.next()
+            except StopAsyncIteration:
+                return chars
+            if isinstance(got, str):
+                chars += len(got)
+
+    async def run(n: int, max_tokens: int) -> float:
+        t0 = time.perf_counter()
+        params = SamplingParams()
+        made = await asyncio.gather(*(
+            drain(engine[ckpt].submit(GenerationRequest(list(ids), max_tokens, params, seed)))
+            for seed in range(n)
+        ))  # fmt: skip
+        return sum(made) / (time.perf_counter() - t0)
+
+    try:
+        await run(min(streams, 8), 20)  # warm-up: first-call costs
+        return statistics.median([await run(streams, per_stream) for _ in range(runs)])
+    finally:
+        await engine.stop()
+
+
+def flops_bound(model: CharRNN) -> dict[str, Any]:
+    """Chars/s of the decoding step if every multiply-add ran at the machine's matrix-multiply rate."""
+    cfg = model.config
     # multiply-adds per character: every layer's hidden projection, the input projections of
     # layers 1.., the head (layer 0's input projection is a table lookup)
     gates = {"rnn": 1, "gru": 3, "lstm": 4}[cfg.arch] * cfg.hidden_size
@@ -366,30 +459,23 @@ def reference(model_dir: Path, results: list[Result], steps: int = 300) -> dict[
     macs += cfg.hidden_size * cfg.vocab_size
     rates = matmul_rate()
     flops_per_s = max(rates.values())
-    bound = flops_per_s / (2 * macs)
-    served = {r.mode: r for r in results if r.mode in SERVED and r.model == ckpt.name}
-    streams = max(served["batched"].aggregate_chars_per_s)
+    return {
+        "matmul_gflops": flops_per_s / 1e9,
+        "matmul_gflops_by": {name: rate / 1e9 for name, rate in rates.items()},
+        "bound_chars_per_s": flops_per_s / (2 * macs),
+    }
+
+
+def session_bytes(ckpt: Checkpoint) -> int:
+    from app.sessions.record import SessionRecord, encode_state
+
     record = SessionRecord(
         session_id="sess-" + "x" * 32, owner="", model=ckpt.name, model_sha256=ckpt.sha256,
-        state=encode_state(model.zero_state(1)), last="\n",
+        state=encode_state(ckpt.model.zero_state(1)), last="\n",
         generator_state=torch.Generator().get_state().numpy().tobytes(), seed=0, chars=0, tail="x" * 200,
         created_at=0.0, updated_at=0.0, expires_at=0.0,
     )  # fmt: skip
-    return {
-        "model": ckpt.name,
-        "ort_chars_per_s": ort_rate,
-        "matmul_gflops": flops_per_s / 1e9,
-        "matmul_gflops_by": {name: rate / 1e9 for name, rate in rates.items()},
-        "bound_chars_per_s": bound,
-        "served_streams": streams,
-        "served_chars_per_s": {mode: r.aggregate_chars_per_s[streams] for mode, r in served.items()},
-        # every character through the network: each stream's prompt is read as well as its output made
-        "processed_chars_per_s": {
-            mode: r.aggregate_chars_per_s[streams] * (r.prompt_chars + r.per_stream) / r.per_stream
-            for mode, r in served.items()
-        },
-        "session_bytes": len(record.to_bytes()),
-    }
+    return len(record.to_bytes())
 
 
 def matmul_rate(n: int = 1024, repeats: int = 20) -> dict[str, float]:
@@ -422,22 +508,24 @@ def matmul_rate(n: int = 1024, repeats: int = 20) -> dict[str, float]:
 
 
 def reference_table(refs: list[dict[str, Any]]) -> str:
+    """Per model and weights: the step loop, and at the most streams each layer's chars/s against the bound."""
     lines = [
-        "| model | ONNX Runtime step loop, no server: chars/s at 1 / 32 / 128 rows | matmul-bound chars/s "
-        "| served at the most streams / bound (prompts included) | bytes per stored session |",
-        "|---|---:|---:|---:|---:|",
+        "| model | weights | ONNX Runtime step loop, chars/s at 1 / 32 / 128 rows | matmul-bound chars/s "
+        "| streams | kernels only (step loop + prompt reader) | engine alone, no HTTP | served over HTTP "
+        "| served, prompts included | bytes per stored session |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in refs:
         bound = r["bound_chars_per_s"]
-        loops, shares = [], []
-        for mode, weights in SERVED.items():
-            o = r["ort_chars_per_s"][weights]
-            loops.append(f"{weights} {o[1]:,.0f} / {o[32]:,.0f} / {o[128]:,.0f}")
-            served, processed = r["served_chars_per_s"][mode], r["processed_chars_per_s"][mode]
-            shares.append(f"{weights} {served / bound:.0%} ({processed / bound:.0%})")
         rates = " / ".join(f"{name} {gflops:.0f}" for name, gflops in r["matmul_gflops_by"].items())
-        lines.append(
-            f"| {r['model']} | {'; '.join(loops)} | {bound:,.0f} ({rates} GFLOP/s) "
-            f"| {'; '.join(shares)} at {r['served_streams']} | {r['session_bytes']:,} |"
-        )
+        for weights in SERVED.values():
+            loop = r["ort_chars_per_s"][weights]
+            layers = ("kernels_chars_per_s", "engine_chars_per_s", "served_chars_per_s")
+            cells = [f"{r[key][weights]:,.0f} ({r[key][weights] / bound:.0%})" for key in layers]
+            processed = r["served_chars_per_s"][weights] / (1 - r["prompt_share"])
+            lines.append(
+                f"| {r['model']} | {weights} | {loop[1]:,.0f} / {loop[32]:,.0f} / {loop[128]:,.0f} "
+                f"| {bound:,.0f} ({rates} GFLOP/s) | {r['streams']} | {' | '.join(cells)} "
+                f"| {processed:,.0f} ({processed / bound:.0%}) | {r['session_bytes']:,} |"
+            )
     return "\n".join(lines)
