@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import torch
 
-from app.checkpoint import Checkpoint
+from app.checkpoint import Checkpoint, load_checkpoint
 from app.config import Settings
 from app.engine.engine import Engine, Stream
 from app.engine.sampling import SamplingParams
@@ -59,6 +59,33 @@ class Result:
     per_stream: int = 0
     # concurrency -> the share of the run's wall time the compute thread spent in each engine phase
     phases: dict[int, dict[str, float]] = field(default_factory=dict)
+    # concurrency -> the median over its runs of each run's chars/s over the bound measured right before it
+    bound_share: dict[int, float] = field(default_factory=dict)
+
+
+class Bound:
+    """The chars/s a model's decoding step would make if every multiply-add ran at the machine's
+    matrix-multiply rate, measured afresh at each call: a shared machine's speed drifts by a third
+    within minutes, so each figure is compared with the bound measured seconds before it."""
+
+    def __init__(self, model: CharRNN) -> None:
+        cfg = model.config
+        # multiply-adds per character: every layer's hidden projection, the input projections of
+        # layers 1.., the head (layer 0's input projection is a table lookup)
+        gates = {"rnn": 1, "gru": 3, "lstm": 4}[cfg.arch] * cfg.hidden_size
+        self.macs = cfg.num_layers * cfg.hidden_size * gates + (cfg.num_layers - 1) * cfg.hidden_size * gates
+        self.macs += cfg.hidden_size * cfg.vocab_size
+        self.rates: list[dict[str, float]] = []  # every measurement's FLOP/s by library
+
+    def __call__(self) -> float:
+        self.rates.append(matmul_rate(repeats=10))
+        return max(self.rates[-1].values()) / (2 * self.macs)
+
+    def summary(self) -> dict[str, Any]:
+        """The medians over every measurement so far."""
+        gflops = {name: statistics.median(r[name] for r in self.rates) / 1e9 for name in self.rates[0]}
+        best = statistics.median(max(r.values()) for r in self.rates)
+        return {"matmul_gflops_by": gflops, "bound_chars_per_s": best / (2 * self.macs), "bounds": len(self.rates)}
 
 
 def free_port() -> int:
@@ -138,7 +165,7 @@ async def stream_once(url: str, body: dict[str, Any]) -> tuple[float, float, int
     return first or 0.0, time.perf_counter() - start, chars
 
 
-async def measure(urls: dict[str, str], model: str, history: str, cfg: dict[str, Any]) -> list[Result]:
+async def measure(urls: dict[str, str], model: str, history: str, cfg: dict[str, Any], bound: Bound) -> list[Result]:
     """Every measurement of `model` on every server (mode -> URL), each taken on the servers one
     right after the other: a shared machine's speed drifts over minutes, and the ratios compare
     figures measured seconds apart, not the length of a whole server's run."""
@@ -163,25 +190,34 @@ async def measure(urls: dict[str, str], model: str, history: str, cfg: dict[str,
             text = (history * (n // len(history) + 1))[:n]
             for mode, url in urls.items():
                 results[mode].continuation_ms[n] = await continuation(client, url, mode, model, text, cfg)
-        # the most streams last: the caller measures the matrix-multiply bound right after them
+        # the most streams last: the caller measures the layers under them right after
         for c in cfg["concurrency"]:
             for mode, url in urls.items():
-                await concurrent(client, url, results[mode], body, c, cfg)
+                await concurrent(client, url, results[mode], body, c, cfg, bound if mode in SERVED else None)
     return list(results.values())
 
 
 async def concurrent(
-    client: httpx.AsyncClient, url: str, res: Result, body: dict[str, Any], c: int, cfg: dict[str, Any]
+    client: httpx.AsyncClient,
+    url: str,
+    res: Result,
+    body: dict[str, Any],
+    c: int,
+    cfg: dict[str, Any],
+    bound: Bound | None = None,
 ) -> None:
-    """`c` streams at once: aggregate chars/s, first-character percentiles, the compute thread's phases."""
+    """`c` streams at once: aggregate chars/s, first-character percentiles, the compute thread's
+    phases, and with `bound`, the share of the bound measured right before each run."""
     spent = await engine_seconds(client, url, res.model)
     # a run of a fraction of a second moves with whatever else the machine does in it: the
     # median of as many runs as fit in `min_seconds` (at least one, at most `max_runs`)
     rates: list[float] = []
+    shares: list[float] = []
     ttfc: list[float] = []
     walls = 0.0
     streams = [{**body, "max_tokens": cfg["per_stream"], "seed": i} for i in range(cfg["sequential"] if c == 1 else c)]
     while not rates or (len(rates) < cfg["max_runs"] and walls < cfg["min_seconds"]):
+        ceiling = bound() if bound is not None else 0.0  # no streams running: the cores are the product's
         t0 = time.perf_counter()
         if c == 1:  # one stream at a time, several times: a percentile needs more than one sample
             runs = [await stream_once(url, stream) for stream in streams]
@@ -190,11 +226,15 @@ async def concurrent(
         wall = time.perf_counter() - t0
         walls += wall
         rates.append(sum(r[2] for r in runs) / wall)
+        if ceiling:
+            shares.append(rates[-1] / ceiling)
         ttfc += [r[0] * 1000 for r in runs]
     after = await engine_seconds(client, url, res.model)
     res.phases[c] = {phase: (after[phase] - spent[phase]) / walls for phase in PHASES}
     res.aggregate_chars_per_s[c], res.runs[c] = statistics.median(rates), len(rates)
     res.ttfc_ms[c] = (percentile(ttfc, 0.5), percentile(ttfc, 0.99))
+    if shares:
+        res.bound_share[c] = statistics.median(shares)
 
 
 async def continuation(
@@ -330,9 +370,11 @@ def run(
             server.wait_ready()
         for model in models:
             print(f"{model} ...", flush=True)
-            results += asyncio.run(measure({mode: s.url for mode, s in servers.items()}, model, history, cfg))
-            # the in-process layers and the bound right after the model's streams
-            refs.append(reference(models_dir / model, results, history[:PROMPT_CHARS], cfg["max_runs"]))
+            bound = Bound(load_checkpoint(models_dir / model).model)
+            urls = {mode: s.url for mode, s in servers.items()}
+            results += asyncio.run(measure(urls, model, history, cfg, bound))
+            # the in-process layers under the served figure, right after the model's streams
+            refs.append(reference(models_dir / model, results, history[:PROMPT_CHARS], cfg["max_runs"], bound))
     finally:
         for server in servers.values():
             server.stop()
@@ -345,35 +387,39 @@ def run(
     return report
 
 
-def reference(model_dir: Path, results: list[Result], prompt: str, runs: int, steps: int = 300) -> dict[str, Any]:
+def reference(
+    model_dir: Path, results: list[Result], prompt: str, runs: int, bound: Bound, steps: int = 300
+) -> dict[str, Any]:
     """In-process reference points for the most streams measured over HTTP, each a layer less than
     the server: the engine alone (the same streams, no HTTP), the ceiling of its kernels (ONNX
     Runtime's bare step loop and prompt reader, nothing else), and the matmul-bound ceiling of the
-    step (every row at the machine's matrix-multiply rate); and the bytes of one stored session."""
-    from app.checkpoint import load_checkpoint
-
+    step (every row at the machine's matrix-multiply rate), each layer as a share of the bound
+    measured right before it; and the bytes of one stored session."""
     ckpt = load_checkpoint(model_dir)
     served = {r.mode: r for r in results if r.mode in SERVED and r.model == ckpt.name}
     first = served["batched"]
     streams, per_stream = max(first.aggregate_chars_per_s), first.per_stream
     ids = [ckpt.vocab.bos, *ckpt.vocab.encode(prompt)]  # as a request's prompt is fed
-    loops, engine = {}, {}
+    loops, kernels, engine = {}, {}, {}
     for weights in SERVED.values():
+        ceiling = bound()
         loops[weights] = step_loop(ckpt.model, weights, sorted({1, 32, 128, streams}), steps)
-        engine[weights] = asyncio.run(engine_alone(ckpt, weights, ids, streams, per_stream, runs))
-    reading = read_rate(ckpt.model, streams, len(ids))
-    # the prompt read (its logits give the first character), then a step per further character
-    kernels = {w: per_stream / (len(ids) / reading + (per_stream - 1) / loop[streams]) for w, loop in loops.items()}
-    bound = flops_bound(ckpt.model)
+        reading = read_rate(ckpt.model, streams, len(ids))
+        # the prompt read (its logits give the first character), then a step per further character
+        rate = per_stream / (len(ids) / reading + (per_stream - 1) / loops[weights][streams])
+        kernels[weights] = {"chars_per_s": rate, "share": rate / ceiling, "read_chars_per_s": reading}
+        engine[weights] = asyncio.run(engine_alone(ckpt, weights, ids, streams, per_stream, runs, bound))
     return {
         "model": ckpt.name,
         "ort_chars_per_s": loops,
-        "read_chars_per_s": reading,
-        **bound,
+        **bound.summary(),
         "streams": streams,
-        "kernels_chars_per_s": kernels,
-        "engine_chars_per_s": engine,
-        "served_chars_per_s": {w: served[mode].aggregate_chars_per_s[streams] for mode, w in SERVED.items()},
+        "kernels": kernels,
+        "engine": engine,
+        "served": {
+            w: {"chars_per_s": served[mode].aggregate_chars_per_s[streams], "share": served[mode].bound_share[streams]}
+            for mode, w in SERVED.items()
+        },
         # every character through the network: each stream's prompt is read as well as its output made
         "prompt_share": first.prompt_chars / (first.prompt_chars + per_stream),
         "session_bytes": session_bytes(ckpt),
@@ -415,10 +461,11 @@ def read_rate(model: CharRNN, rows: int, length: int, repeats: int = 5) -> float
 
 
 async def engine_alone(
-    ckpt: Checkpoint, weights: str, ids: list[int], streams: int, per_stream: int, runs: int
-) -> float:
+    ckpt: Checkpoint, weights: str, ids: list[int], streams: int, per_stream: int, runs: int, bound: Bound
+) -> dict[str, float]:
     """Aggregate chars/s of `streams` generations of `per_stream` characters after `ids`, submitted
-    together to the server's engine in this process: the median of `runs` runs, no HTTP."""
+    together to the server's engine in this process, no HTTP: the medians over `runs` runs of the
+    chars/s and of its share of the bound measured right before each run."""
     settings = Settings()
     engine = Engine(settings.max_batch, settings.max_queue, step=settings.step, weights=weights,
                     step_budget=settings.step_budget_ms / 1000)  # fmt: skip
@@ -445,26 +492,14 @@ async def engine_alone(
 
     try:
         await run(min(streams, 8), 20)  # warm-up: first-call costs
-        return statistics.median([await run(streams, per_stream) for _ in range(runs)])
+        rates, shares = [], []
+        for _ in range(runs):
+            ceiling = bound()
+            rates.append(await run(streams, per_stream))
+            shares.append(rates[-1] / ceiling)
+        return {"chars_per_s": statistics.median(rates), "share": statistics.median(shares)}
     finally:
         await engine.stop()
-
-
-def flops_bound(model: CharRNN) -> dict[str, Any]:
-    """Chars/s of the decoding step if every multiply-add ran at the machine's matrix-multiply rate."""
-    cfg = model.config
-    # multiply-adds per character: every layer's hidden projection, the input projections of
-    # layers 1.., the head (layer 0's input projection is a table lookup)
-    gates = {"rnn": 1, "gru": 3, "lstm": 4}[cfg.arch] * cfg.hidden_size
-    macs = cfg.num_layers * cfg.hidden_size * gates + (cfg.num_layers - 1) * cfg.hidden_size * gates
-    macs += cfg.hidden_size * cfg.vocab_size
-    rates = matmul_rate()
-    flops_per_s = max(rates.values())
-    return {
-        "matmul_gflops": flops_per_s / 1e9,
-        "matmul_gflops_by": {name: rate / 1e9 for name, rate in rates.items()},
-        "bound_chars_per_s": flops_per_s / (2 * macs),
-    }
 
 
 def session_bytes(ckpt: Checkpoint) -> int:
@@ -509,7 +544,8 @@ def matmul_rate(n: int = 1024, repeats: int = 20) -> dict[str, float]:
 
 
 def reference_table(refs: list[dict[str, Any]]) -> str:
-    """Per model and weights: the step loop, and at the most streams each layer's chars/s against the bound."""
+    """Per model and weights: the step loop, and at the most streams each layer's chars/s and its
+    share of the bound measured right before it."""
     lines = [
         "| model | weights | ONNX Runtime step loop, chars/s at 1 / 32 / 128 rows | matmul-bound chars/s "
         "| streams | kernels only (step loop + prompt reader) | engine alone, no HTTP | served over HTTP "
@@ -517,16 +553,17 @@ def reference_table(refs: list[dict[str, Any]]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in refs:
-        bound = r["bound_chars_per_s"]
         rates = " / ".join(f"{name} {gflops:.0f}" for name, gflops in r["matmul_gflops_by"].items())
+        bound = f"{r['bound_chars_per_s']:,.0f} ({rates} GFLOP/s, medians of {r['bounds']})"
         for weights in SERVED.values():
             loop = r["ort_chars_per_s"][weights]
-            layers = ("kernels_chars_per_s", "engine_chars_per_s", "served_chars_per_s")
-            cells = [f"{r[key][weights]:,.0f} ({r[key][weights] / bound:.0%})" for key in layers]
-            processed = r["served_chars_per_s"][weights] / (1 - r["prompt_share"])
+            cells = [f"{r[layer][weights]['chars_per_s']:,.0f} ({r[layer][weights]['share']:.0%})"
+                     for layer in ("kernels", "engine", "served")]  # fmt: skip
+            served = r["served"][weights]
+            processed = served["chars_per_s"] / (1 - r["prompt_share"])
             lines.append(
-                f"| {r['model']} | {weights} | {loop[1]:,.0f} / {loop[32]:,.0f} / {loop[128]:,.0f} "
-                f"| {bound:,.0f} ({rates} GFLOP/s) | {r['streams']} | {' | '.join(cells)} "
-                f"| {processed:,.0f} ({processed / bound:.0%}) | {r['session_bytes']:,} |"
+                f"| {r['model']} | {weights} | {loop[1]:,.0f} / {loop[32]:,.0f} / {loop[128]:,.0f} | {bound} "
+                f"| {r['streams']} | {' | '.join(cells)} "
+                f"| {processed:,.0f} ({served['share'] / (1 - r['prompt_share']):.0%}) | {r['session_bytes']:,} |"
             )
     return "\n".join(lines)
