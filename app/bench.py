@@ -23,7 +23,7 @@ from app.checkpoint import Checkpoint, load_checkpoint
 from app.config import Settings
 from app.engine.engine import Engine, Stream
 from app.engine.sampling import SamplingParams
-from app.engine.sequence import GenerationRequest
+from app.engine.sequence import GenerationRequest, GenerationResult
 from app.metrics import PHASES
 from app.nn import CharRNN
 from app.readme import write_section
@@ -217,7 +217,7 @@ async def concurrent(
     walls = 0.0
     streams = [{**body, "max_tokens": cfg["per_stream"], "seed": i} for i in range(cfg["sequential"] if c == 1 else c)]
     while not rates or (len(rates) < cfg["max_runs"] and walls < cfg["min_seconds"]):
-        ceiling = bound() if bound is not None else 0.0  # no streams running: the cores are the product's
+        ceiling = bound() if bound is not None else None  # no streams running: the cores are the product's
         t0 = time.perf_counter()
         if c == 1:  # one stream at a time, several times: a percentile needs more than one sample
             runs = [await stream_once(url, stream) for stream in streams]
@@ -226,7 +226,7 @@ async def concurrent(
         wall = time.perf_counter() - t0
         walls += wall
         rates.append(sum(r[2] for r in runs) / wall)
-        if ceiling:
+        if ceiling is not None:
             shares.append(rates[-1] / ceiling)
         ttfc += [r[0] * 1000 for r in runs]
     after = await engine_seconds(client, url, res.model)
@@ -400,11 +400,11 @@ def reference(
     first = served["batched"]
     streams, per_stream = max(first.aggregate_chars_per_s), first.per_stream
     ids = [ckpt.vocab.bos, *ckpt.vocab.encode(prompt)]  # as a request's prompt is fed
+    reading = read_rate(ckpt.model, streams, len(ids))  # prompts are read in fp32 whatever the step's weights
     loops, kernels, engine = {}, {}, {}
     for weights in SERVED.values():
         ceiling = bound()
         loops[weights] = step_loop(ckpt.model, weights, sorted({1, 32, 128, streams}), steps)
-        reading = read_rate(ckpt.model, streams, len(ids))
         # the prompt read (its logits give the first character), then a step per further character
         rate = per_stream / (len(ids) / reading + (per_stream - 1) / loops[weights][streams])
         kernels[weights] = {"chars_per_s": rate, "share": rate / ceiling, "read_chars_per_s": reading}
@@ -472,14 +472,9 @@ async def engine_alone(
     await engine.start({ckpt.name: ckpt})
 
     async def drain(stream: Stream) -> int:
-        chars = 0
-        while True:
-            try:
-                got = await stream.next()
-            except StopAsyncIteration:
-                return chars
-            if isinstance(got, str):
-                chars += len(got)
+        while not isinstance(got := await stream.next(), GenerationResult):
+            pass
+        return len(got.ids)
 
     async def run(n: int, max_tokens: int) -> float:
         t0 = time.perf_counter()
