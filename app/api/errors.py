@@ -33,7 +33,7 @@ STATUS: dict[type[RnnserveError], int] = {
     UnavailableError: 503,
 }
 HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-              405: "invalid_request_error", 413: "payload_too_large_error"}  # fmt: skip
+              405: "invalid_request_error", 413: "payload_too_large_error", 415: "invalid_request_error"}  # fmt: skip
 
 
 def error_body(type_: str, message: str, param: str | None = None) -> dict[str, Any]:
@@ -62,6 +62,20 @@ def describe_validation_error(err: dict[str, Any]) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param and not msg.startswith(param) else msg), param
 
 
+def is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def content_type_message(content_type: str | None) -> str:
+    # curl's -d without -H sends application/x-www-form-urlencoded: the body is then never read as JSON
+    sent = f"not '{content_type.split(';', 1)[0].strip()}'" if content_type else "none was sent"
+    return (
+        f"request body must be JSON sent with the header 'Content-Type: application/json' ({sent}; "
+        "curl: -H 'content-type: application/json')"
+    )
+
+
 def register_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(RnnserveError)
     async def _domain(request: Request, exc: RnnserveError) -> JSONResponse:
@@ -79,6 +93,9 @@ def register_exception_handlers(app: FastAPI) -> None:
         if errors and errors[0].get("type") == "json_invalid":
             return JSONResponse(error_body("invalid_request_error", "request body is not valid JSON"), 400)
         if errors and tuple(errors[0].get("loc", ())) == ("body",) and "param" not in (errors[0].get("ctx") or {}):
+            content_type = request.headers.get("content-type")
+            if content_type is None or not is_json(content_type):
+                return JSONResponse(error_body("invalid_request_error", content_type_message(content_type)), 415)
             return JSONResponse(error_body("invalid_request_error", "request body must be a JSON object"), 400)
         message, param = describe_validation_error(errors[0]) if errors else ("invalid request", None)
         return JSONResponse(error_body("invalid_request_error", message, param), 422)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from app.engine.inspect import MAX_UNITS
@@ -44,6 +44,19 @@ class GenerateRequest(BaseModel):
     save_session: bool = Field(True, description="Store the final state and return its session_id.")
     session_ttl: int | None = Field(None, ge=1, description="Seconds the saved session lives (default: server's).")
     stream: bool = Field(False, description="Answer as text/event-stream.")
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _greedy_is_a_strategy(cls, value: object) -> object:
+        # OpenAI's temperature 0 means greedy (and does on /v1); here greedy is its own strategy
+        if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+            raise PydanticCustomError(
+                "temperature_greedy",
+                'temperature: must be greater than 0; for greedy decoding send "strategy": "greedy" '
+                "without a temperature",
+                {"param": "temperature"},
+            )
+        return value
 
     @model_validator(mode="after")
     def _parameters_match_strategy(self) -> GenerateRequest:

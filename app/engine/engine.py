@@ -431,6 +431,7 @@ class ModelEngine:
         try:
             steps = beam_generation(self.model, self.decode, seq.req, seq.state, on_text, lambda: seq.cancelled)
             result = await self.compute.run_steps(steps, self.step_budget)
+            self.chars_made.inc(len(result.consumed))
         except Exception:
             log.exception("beam search failed for model %s", self.ckpt.name)
             seq.cancel()

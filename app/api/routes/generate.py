@@ -13,7 +13,7 @@ from app.api.sse import event_stream, frame
 router = APIRouter(tags=["generate"])
 RESPONSES: dict[int | str, dict[str, object]] = {
     200: {"content": {"text/event-stream": {}}, "description": "JSON, or with stream=true token/done events"},
-    **{code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429, 503)},
+    **{code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)},
 }
 
 

@@ -9,7 +9,7 @@ from app.api.deps import ServicesDep
 from app.api.schemas import ErrorResponse, InspectRequest, InspectResponse
 
 router = APIRouter(tags=["inspect"])
-ERRORS: dict[int | str, dict[str, object]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422)}
+ERRORS: dict[int | str, dict[str, object]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 415, 422)}
 
 
 @router.post("/inspect", response_model=InspectResponse, responses=ERRORS)

@@ -1,4 +1,4 @@
-"""OpenAI-compatible POST /v1/completions and GET /v1/models."""
+"""OpenAI-compatible POST /v1/completions and GET /v1/models (chat completions answered with a pointer to them)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from app.api.deps import OwnerDep, ServicesDep
 from app.api.schemas import MAX_SEED, ErrorResponse, GenerateRequest, GenerateResponse, StopString
 from app.api.serving import DoneEvent, ErrorEvent, TokenEvent
 from app.api.sse import event_stream, sse
+from app.errors import NotFoundError
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -135,7 +136,7 @@ def finish_reason(r: GenerateResponse) -> Literal["length", "stop"]:
     response_model=Completion,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks with stream=true"},
-        **{code: {"model": ErrorResponse} for code in (400, 404, 413, 422, 429, 503)},
+        **{code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 429, 503)},
     },
 )
 async def completions(req: CompletionRequest, svc: ServicesDep, owner: OwnerDep) -> Completion | StreamingResponse:
@@ -167,6 +168,18 @@ async def completions(req: CompletionRequest, svc: ServicesDep, owner: OwnerDep)
         yield sse(None, "[DONE]")
 
     return event_stream(chunks())
+
+
+CHAT_UNSUPPORTED = (
+    "/v1/chat/completions is not supported: the models continue raw text one character at a time and know no "
+    "roles or chat template; use /v1/completions (client.completions.create) with the text to continue as the prompt"
+)
+
+
+@router.post("/chat/completions", responses={code: {"model": ErrorResponse} for code in (401, 404)})
+async def chat_completions() -> None:
+    """Not supported (always 404): a character model has no chat template; use /v1/completions."""
+    raise NotFoundError(CHAT_UNSUPPORTED)
 
 
 @router.get("/models", response_model=OpenAIModelList)

@@ -9,7 +9,9 @@ from app.api.deps import OwnerDep, ServicesDep
 from app.api.schemas import ErrorResponse, ScoreRequest, ScoreResponse
 
 router = APIRouter(tags=["score"])
-ERRORS: dict[int | str, dict[str, object]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 422, 503)}
+ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 415, 422, 503)
+}
 
 
 @router.post("/score", response_model=ScoreResponse, responses=ERRORS)
