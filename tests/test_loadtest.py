@@ -12,6 +12,7 @@ import pytest
 from app.cli import build_parser, main
 from app.loadtest import SCENARIOS, Booked
 from tests.api.conftest import write_tiny_models
+from tests.conftest import require_redis_server
 
 README = "# x\n\n## Operations\n\n### Fault and load\n\n<!-- loadtest:start -->\nold\n<!-- loadtest:end -->\n"
 
@@ -19,13 +20,14 @@ README = "# x\n\n## Operations\n\n### Fault and load\n\n<!-- loadtest:start -->\
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One short `rnnserve loadtest` (3 s per scenario, few clients): its exit code, output, JSON and README."""
+    require_redis_server()
     tmp = tmp_path_factory.mktemp("loadtest")
     write_tiny_models(tmp / "models")
     (tmp / "README.md").write_text(README)
     argv = ["loadtest", "--models-dir", str(tmp / "models"), "--model", "tiny-lstm", "--seconds", "3",
             "--clients", "4", "--storm-streams", "60", "--storm-wave", "20", "--contention-clients", "8",
             "--contention-sessions", "2", "--deadline", "20", "--out", str(tmp / "out.json"),
-            "--readme", str(tmp / "README.md")]  # fmt: skip
+            "--docs", str(tmp / "README.md")]  # fmt: skip
     out = io.StringIO()
     code: int | str | None = 0
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):

@@ -25,6 +25,7 @@ from websockets.sync.client import connect
 
 from app.cluster import Cluster, TcpBalancer, accepts, free_ports, start_cluster
 from tests.api.conftest import write_tiny_models
+from tests.conftest import require_redis_server
 from tests.deploy.conftest import ROOT
 
 BALANCERS = ["python", pytest.param("nginx", marks=pytest.mark.skipif(not shutil.which("nginx"), reason="no nginx"))]
@@ -46,6 +47,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cluster(
     request: pytest.FixtureRequest, tiny_models: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
+    require_redis_server()
     workdir = tmp_path_factory.mktemp(f"cluster-{request.param}")
     c = start_cluster(port=free_ports(1)[0], lb=request.param, env=tiny_env(tiny_models), workdir=workdir)
     try:
@@ -159,6 +161,7 @@ def test_body_over_the_limit_is_413_in_the_error_shape(cluster: Cluster) -> None
 
 
 def test_cli_runs_until_sigterm_and_stops_everything(tiny_models: Path, tmp_path: Path) -> None:
+    require_redis_server()
     port = free_ports(1)[0]
     args = [sys.executable, "-m", "app.cli", "cluster", "--port", str(port), "--replicas", "1", "--lb", "python",
             "--workdir", str(tmp_path)]  # fmt: skip

@@ -13,9 +13,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+from tests.conftest import unavailable
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -89,13 +91,6 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-
-def unavailable(message: str) -> NoReturn:
-    """Skip, or fail where CI=true: there the browser tests must run."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message} (CI=true: the browser tests may not be skipped)", pytrace=False)
-    pytest.skip(message, allow_module_level=True)
 
 
 def require_playwright() -> None:
