@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from app.training.corpus import Corpus
 
 DATA_DIR = Path("data/shakespeare")
+BENCH_JSON_DEFAULT = "docs/bench.json"
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -155,12 +156,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from app import bench
+    from app import bench, readme
 
     models = [m for m in args.models.split(",") if m]
-    out = Path(args.out) if args.out else None
-    readme = Path(args.readme) if args.readme else None
-    print(bench.run(models, Path(args.models_dir), out, readme, args.quick))
+    docs = Path(args.docs) if args.docs else None
+    out = Path(args.out) if args.out else (Path(BENCH_JSON_DEFAULT) if docs else None)
+    print(bench.run(models, Path(args.models_dir), out, docs, args.quick))
+    if out is not None and out.resolve() == readme.BENCH_JSON:
+        readme.refresh()  # the README's headline table is made from docs/bench.json
 
 
 def cmd_loadtest(args: argparse.Namespace) -> None:
@@ -172,7 +175,7 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
         contention_sessions=args.contention_sessions, max_tokens=args.max_tokens, deadline=args.deadline,
         scenarios=tuple(s for s in args.scenarios.split(",") if s),
     )  # fmt: skip
-    report, passed = loadtest.run(cfg, Path(args.out) if args.out else None, Path(args.readme) if args.readme else None)
+    report, passed = loadtest.run(cfg, Path(args.out) if args.out else None, Path(args.docs) if args.docs else None)
     print(report)
     if not passed:
         raise SystemExit(1)
@@ -190,7 +193,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     from app.training import report
 
     ckpts = [load_checkpoint(Path(args.models_dir) / name) for name in args.models.split(",")]
-    report.write(ckpts, Path(args.readme), Path(args.plot))
+    report.write(ckpts, Path(args.docs), Path(args.plot))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,10 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=cmd_serve)
 
-    r = sub.add_parser("report", help="write the README's model table, loss-curve plot and samples")
+    r = sub.add_parser("report", help="write the model table, loss-curve plot and samples into the docs")
     r.add_argument("--models", default="shakespeare-lstm,shakespeare-gru,shakespeare-rnn,python-lstm")
     r.add_argument("--models-dir", default="models")
-    r.add_argument("--readme", default="README.md")
+    r.add_argument("--docs", default="docs/models.md", help="the page whose models markers get the report")
     r.add_argument("--plot", default="docs/loss_curves.png")
     r.set_defaults(func=cmd_report)
 
@@ -281,7 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--models", default="shakespeare-lstm,shakespeare-gru,shakespeare-rnn")
     b.add_argument("--models-dir", default="models")
     b.add_argument("--out", help="also write the figures as JSON here")
-    b.add_argument("--readme", help="replace the table between the bench markers of this README")
+    b.add_argument(
+        "--docs", nargs="?", const="docs/performance.md", metavar="PAGE",
+        help="replace the tables between the bench markers of PAGE (default docs/performance.md); with "
+        "docs/bench.json as --out (its default then), the README's headline table too",
+    )  # fmt: skip
     b.add_argument("--quick", action="store_true", help="fewer characters per measurement")
     b.set_defaults(func=cmd_bench)
 
@@ -298,7 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--deadline", type=float, default=30.0, help="seconds after which a request counts as hung")
     lt.add_argument("--scenarios", default="steady,storm,redis,contention")
     lt.add_argument("--out", help="also write the figures as JSON here")
-    lt.add_argument("--readme", help="replace the table between the loadtest markers of this README")
+    lt.add_argument(
+        "--docs", nargs="?", const="docs/operations.md", metavar="PAGE",
+        help="replace the table between the loadtest markers of PAGE (default docs/operations.md)",
+    )  # fmt: skip
     lt.set_defaults(func=cmd_loadtest)
 
     c = sub.add_parser("cluster", help="docker-compose.yml's topology as local processes")

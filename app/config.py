@@ -18,11 +18,11 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="Redis URL for sessions; unset: in-process store.")
     redis_cluster: bool = Field(False, description="Use redis-py's cluster client for RNNSERVE_REDIS_URL.")
     api_keys: str = Field("", description="Comma-separated API keys; empty (and no file): no authentication.")
-    api_keys_file: Path | None = Field(None, description="File with one API key per line, added to api_keys.")
+    api_keys_file: Path | None = Field(None, description="File with one API key per line, added to RNNSERVE_API_KEYS.")
     session_ttl: int = Field(86_400, ge=1, description="Seconds a session lives after its last update.")
-    max_session_ttl: int = Field(30 * 86_400, ge=1, description="Largest session_ttl a request may ask for.")
+    max_session_ttl: int = Field(30 * 86_400, ge=1, description="Largest `session_ttl` a request may ask for.")
     max_sessions: int = Field(10_000, ge=1, description="In-process store: sessions kept (least recently used go).")
-    max_prompt_chars: int = Field(100_000, ge=1, description="Longest accepted prompt, in characters.")
+    max_prompt_chars: int = Field(100_000, ge=1, description="Longest accepted prompt (or /score text), in chars.")
     max_tokens_limit: int = Field(10_000, ge=1, description="Largest accepted max_tokens.")
     max_batch: int = Field(128, ge=1, description="Generations advanced together in one step, per model.")
     max_running_per_key: int = Field(64, ge=1, description="Generations one API key may run at once; beyond: 429.")
@@ -65,7 +65,7 @@ class Settings(BaseSettings):
         20.0, ge=0, description="On SIGTERM: seconds running generations may go on before they are cancelled."
     )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: torch's default.")
-    log_level: str = Field("info", description="Log level of the service.")
+    log_level: str = Field("info", description="Log level; logs are JSON lines with the request id, never a prompt.")
 
     @model_validator(mode="after")
     def _int8_runs_on_onnx(self) -> Settings:

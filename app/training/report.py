@@ -1,4 +1,4 @@
-"""The model report of the README: comparison table, loss-curve plot and samples of each model."""
+"""The model report of the docs: comparison table, loss-curve plot and samples of each model."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def chars_per_second(ckpt: Checkpoint, n: int = 2000) -> float:
 def table(ckpts: list[Checkpoint]) -> str:
     rows = [
         "| model | cell | layers x hidden | parameters | val nats/char | val bits/char | test nats/char "
-        "| test bits/char | training | chars/s (1 stream) |",
+        "| test bits/char | training | kernel chars/s, 1 row (not served) |",
         "|---|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for c in ckpts:
@@ -106,12 +106,12 @@ def plot(ckpts: list[Checkpoint], path: Path) -> None:
     plt.close(fig)
 
 
-def write(ckpts: list[Checkpoint], readme: Path, plot_path: Path) -> None:
+def write(ckpts: list[Checkpoint], page: Path, plot_path: Path) -> None:
     plot(ckpts, plot_path)
-    rel = plot_path.relative_to(readme.parent) if plot_path.is_relative_to(readme.parent) else plot_path
+    rel = plot_path.relative_to(page.parent) if plot_path.is_relative_to(page.parent) else plot_path
     body = (
         f"{table(ckpts)}\n\n![training and validation loss]({rel})\n\n"
         f"Samples (the same prompt and seed for every model of a domain):\n\n{samples(ckpts)}"
     )
-    write_section(readme, "models", body)
+    write_section(page, "models", body)
     print(json.dumps({c.name: c.meta.get("metrics") for c in ckpts}, indent=2))
