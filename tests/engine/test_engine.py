@@ -355,6 +355,33 @@ def test_abort_while_prefilling_ends_without_a_state(
     assert load == 0
 
 
+def test_result_after_is_the_result_as_of_the_characters_a_client_received(
+    tiny_model: Callable[..., CharRNN], vocab: Vocab
+) -> None:
+    model = tiny_model("lstm")
+
+    async def main() -> tuple[GenerationResult, GenerationResult | None, GenerationResult | None]:
+        async with started(make_engine(model, vocab)) as engine:
+            stream = engine.submit(request(vocab, "ROMEO:", 40, SamplingParams(), seed=4))
+            _, full = await collect(stream)
+            return full, await stream.result_after(10), await stream.result_after(0)
+
+    full, cut, none_sent = run(main())
+    prompt = [vocab.bos, *vocab.encode("ROMEO:")]
+    assert cut is not None and none_sent is not None
+    assert cut.ids == cut.consumed == full.ids[:10] and cut.finish_reason == "cancelled"
+    assert cut.pending == full.ids[9]
+    _, ref = model(torch.tensor([*prompt, *full.ids[:9]]).view(-1, 1))
+    assert_states_close(cut.state, ref)
+    after_ten = torch.Generator().manual_seed(4)
+    torch.rand(10, generator=after_ten, dtype=torch.float64)  # one draw per character made
+    assert torch.equal(cut.generator_state, after_ten.get_state())
+    # nothing received: the state after the prompt, its last character pending
+    assert none_sent.ids == [] and none_sent.pending == prompt[-1]
+    _, ref = model(torch.tensor(prompt[:-1]).view(-1, 1))
+    assert_states_close(none_sent.state, ref)
+
+
 def test_abort_after_the_end_changes_nothing(tiny_model: Callable[..., CharRNN], vocab: Vocab) -> None:
     async def main() -> tuple[GenerationResult, str | GenerationResult | None]:
         async with started(make_engine(tiny_model("rnn"), vocab)) as engine:
