@@ -120,8 +120,10 @@ class ModelEngine:
                 touched = await self.compute.run(self._trip, admitted)
             except Exception:
                 log.exception("engine step failed for model %s; failing its running requests", self.ckpt.name)
-                touched = self.scheduler.fail_all()
+                self.scheduler.fail_all()
                 self.runner.reset()
+                # every admitted sequence has ended, some of them before the failure
+                touched = [stream.seq for stream in self.streams.values() if stream.seq.final is not None]
             name = self.ckpt.name
             metrics.QUEUE.labels(name).set(len(self.scheduler.waiting))
             metrics.ACTIVE.labels(name).set(self.load)
