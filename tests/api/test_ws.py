@@ -410,7 +410,7 @@ def test_a_session_abandoned_before_its_first_character_keeps_the_prompt_and_not
     engine = engine_of(live_server, "tiny-lstm")
     start, session, before = greedy_session(live_server, "tiny-lstm")
     fork = httpx.post(f"{live_server.url}/sessions/{session}/fork").json()["session_id"]
-    # the client goes away while the prompt is read: the read makes the first character, never sent
+    # the client goes away during the prefill, which makes the first character, never sent
     entered, go = threading.Event(), threading.Event()
     prefill = engine.kernels.prefill
 

@@ -270,12 +270,12 @@ def test_long_prompt_is_prefilled_in_chunks_with_the_same_result(
     assert len(trace.running) == chunk_steps - 1 + n
 
 
-def test_a_burst_of_prompts_is_read_a_few_chunks_per_step_while_the_first_ones_decode(
+def test_a_burst_of_prompts_is_prefilled_a_few_chunks_per_step_while_the_first_ones_decode(
     tiny_model: Callable[..., CharRNN], vocab: Vocab, tiny_text: str
 ) -> None:
     model = tiny_model("gru")
     chunk = 16
-    prompts = [tiny_text[i * 7 : i * 7 + 40] for i in range(10)]  # 40 characters to read each (bos + 39)
+    prompts = [tiny_text[i * 7 : i * 7 + 40] for i in range(10)]  # 40 characters to prefill each (bos + 39)
     reqs = [request(vocab, p, 12, SamplingParams(), seed=i) for i, p in enumerate(prompts)]
 
     async def alone() -> list[GenerationResult]:
@@ -292,9 +292,9 @@ def test_a_burst_of_prompts_is_read_a_few_chunks_per_step_while_the_first_ones_d
     expected = run(alone())
     got, trace = run(burst())
     assert [r.ids for r in got] == [r.ids for r in expected]
-    reading = [n for n in trace.prefilling if n]
+    prefilling = [n for n in trace.prefilling if n]
     budget = PREFILL_CHUNKS_PER_STEP * chunk
-    assert len(reading) >= 10 * 40 // budget - 1  # the prompts took several steps to read ...
+    assert len(prefilling) >= 10 * 40 // budget - 1  # the prompts took several steps to prefill ...
     assert any(p and r for p, r in zip(trace.prefilling, trace.running, strict=True))  # ... while others decoded
 
 
@@ -730,14 +730,13 @@ def test_the_sampling_columns_are_rebuilt_only_when_the_batch_changes(
 
     results = run(main())
     assert [len(r.ids) for r in results] == [30, 60]
-    # both rows join (one or two batches), then the first leaves: a handful of builds for 60 steps
-    # one per prompt for its first character (one or two reads), then the batch's: both rows join, the
-    # first leaves; a handful of builds for 60 steps
+    # one per prompt for its first character (one or two prefill calls), then the batch's: both rows
+    # join, the first leaves; a handful of builds for 60 steps
     assert 3 <= len(built) <= 5 and built[-1] == 1
 
 
 @pytest.mark.parametrize("arch", ["lstm", "gru", "rnn"])
-def test_a_burst_of_prompts_is_read_in_one_call_with_the_results_of_each_alone(
+def test_a_burst_of_prompts_is_prefilled_in_one_call_with_the_results_of_each_alone(
     arch: str, tiny_model: Callable[..., CharRNN], vocab: Vocab, tiny_text: str
 ) -> None:
     model = tiny_model(arch)
@@ -761,7 +760,7 @@ def test_a_burst_of_prompts_is_read_in_one_call_with_the_results_of_each_alone(
     solo, together, batched = run(main())
     assert batched
     # 11 to 46 ids per prompt, 16 of each per call (the step's budget, 64, over 6 rows is less):
-    # every prompt in the first call, then those still reading
+    # every prompt in the first call, then those still prefilling
     assert calls == [6, 5, 2]
     assert [r.ids for r in together] == [r.ids for r in solo]
     for a, b in zip(together, solo, strict=True):
