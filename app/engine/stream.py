@@ -11,14 +11,14 @@ from app.engine.sequence import GenerationResult, Sequence
 from app.nn import State
 
 # ids from a state (None: the zero state) -> the state after them, computed off the event loop
-Prefill = Callable[[list[int], State | None], Awaitable[State]]
+AsyncPrefill = Callable[[list[int], State | None], Awaitable[State]]
 
 
 class Stream:
     """What the API holds of a generation: `next()` gives its text, then its result; `abort()` stops it;
     `result_after(n)` is what a session saves when its client received only `n` characters."""
 
-    def __init__(self, seq: Sequence, model: str, prefill: Prefill) -> None:
+    def __init__(self, seq: Sequence, model: str, prefill: AsyncPrefill) -> None:
         self.seq = seq
         self._prefill = prefill
         self._ttfc = metrics.TTFC.labels(model)
