@@ -11,7 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,9 +21,11 @@ import torch
 
 from app.checkpoint import Checkpoint, load_checkpoint
 from app.config import Settings
-from app.engine.engine import Engine, Stream
+from app.engine.config import Weights
+from app.engine.engine import Engine
 from app.engine.sampling import SamplingParams
 from app.engine.sequence import GenerationRequest, GenerationResult
+from app.engine.stream import Stream
 from app.metrics import PHASES
 from app.nn import CharRNN
 from app.readme import write_section
@@ -467,8 +469,7 @@ async def engine_alone(
     together to the server's engine in this process, no HTTP: the medians over `runs` runs of the
     chars/s and of its share of the bound measured right before each run."""
     settings = Settings()
-    engine = Engine(settings.max_batch, settings.max_queue, step=settings.step, weights=weights,
-                    step_budget=settings.step_budget_ms / 1000)  # fmt: skip
+    engine = Engine(replace(settings.engine_config(), weights=Weights(weights)))
     await engine.start({ckpt.name: ckpt})
 
     async def drain(stream: Stream) -> int:
@@ -480,7 +481,7 @@ async def engine_alone(
         t0 = time.perf_counter()
         params = SamplingParams()
         made = await asyncio.gather(*(
-            drain(engine[ckpt].submit(GenerationRequest(list(ids), max_tokens, params, seed)))
+            drain(engine.submit(ckpt, GenerationRequest(list(ids), max_tokens, params, seed)))
             for seed in range(n)
         ))  # fmt: skip
         return sum(made) / (time.perf_counter() - t0)

@@ -9,6 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from app.engine.config import Weights
+
 if TYPE_CHECKING:
     from app.training.corpus import Corpus
 
@@ -246,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="a corpus directory (default: data/KEY of the model's corpus)")
     e.add_argument("--split", choices=["train", "val", "test"], default="test")
     e.add_argument(
-        "--weights", choices=["fp32", "int8"], default="fp32",
+        "--weights", choices=[w.value for w in Weights], default=Weights.FP32.value,
         help="int8: through the decoding step a server with RNNSERVE_WEIGHTS=int8 runs, a character at a time",
     )  # fmt: skip
     e.set_defaults(func=cmd_eval)

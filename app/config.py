@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.engine.config import Backend, EngineConfig, Weights
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RNNSERVE_", env_file=".env", extra="ignore")
@@ -36,16 +38,17 @@ class Settings(BaseSettings):
     engine: Literal["batched", "naive"] = Field(
         "batched", description="'naive': the unbatched baseline of `rnnserve bench` (one request at a time)."
     )
-    step: Literal["onnx", "torch"] = Field(
-        "onnx",
-        description="Kernels of the batched engine: ONNX Runtime's ('onnx': the fused step, prompts read "
-        "together) or torch's ('torch': the fused step, prompts read one at a time).",
+    step: Backend = Field(
+        Backend.ONNX,
+        description="Kernels of the batched engine: ONNX Runtime's ('onnx': the fused step, prompts prefilled "
+        "together) or torch's ('torch': the fused step, prompts prefilled one at a time); 'naive' is "
+        "RNNSERVE_ENGINE=naive.",
     )
-    weights: Literal["fp32", "int8"] = Field(
-        "fp32",
+    weights: Weights = Field(
+        Weights.FP32,
         description="Weights of the decoding step: the checkpoint's ('fp32'), or 8-bit integers in blocks of 64 "
         "with a scale each ('int8', ONNX Runtime, RNNSERVE_STEP=onnx only): a faster step for a few streams, "
-        "prompts still read in fp32.",
+        "prompts still prefilled in fp32.",
     )
     step_budget_ms: float = Field(
         20.0,
@@ -68,10 +71,21 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Log level; logs are JSON lines with the request id, never a prompt.")
 
     @model_validator(mode="after")
-    def _int8_runs_on_onnx(self) -> Settings:
-        if self.weights == "int8" and self.step != "onnx":
-            raise ValueError("RNNSERVE_WEIGHTS=int8 needs RNNSERVE_STEP=onnx (the quantized step is ONNX Runtime's)")
+    def _valid_engine(self) -> Settings:
+        try:
+            self.engine_config()
+        except ValueError as e:
+            raise ValueError(f"RNNSERVE_ENGINE, RNNSERVE_STEP, RNNSERVE_WEIGHTS: {e}") from None
         return self
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_batch=self.max_batch,
+            max_queue=self.max_queue,
+            backend=Backend.NAIVE if self.engine == "naive" else self.step,
+            weights=self.weights,
+            step_budget=self.step_budget_ms / 1000,
+        )
 
     @property
     def api_key_list(self) -> list[str]:

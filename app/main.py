@@ -51,15 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         compute = Compute()  # every torch call of the process runs on this one thread
         registry = await compute.run(Registry.load, settings.models_dir, settings.default_model)
         store = make_store(settings)
-        engine = Engine(
-            settings.max_batch,
-            settings.max_queue,
-            naive=settings.engine == "naive",
-            step=settings.step,
-            weights=settings.weights,
-            step_budget=settings.step_budget_ms / 1000,
-            compute=compute,
-        )
+        engine = Engine(settings.engine_config(), compute)
         await engine.start(registry.models)
         rate = (
             RateLimiter(settings.rate_limit_per_minute, settings.redis_url) if settings.rate_limit_per_minute else None

@@ -22,7 +22,7 @@ QUEUE = Gauge("rnnserve_queue_depth", "Generations waiting for a slot", ["model"
 BATCH = Histogram(
     "rnnserve_batch_size", "Rows advanced per engine step", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
 )
-# the compute thread's time in engine trips, by phase: prompt reading, the decoding step's kernel,
+# the compute thread's time in engine trips, by phase: prefill, the decoding step's kernel ("step"),
 # choosing characters (sampling, stop strings, logprobs) and the rest of a trip (batch bookkeeping)
 ENGINE_SECONDS = Counter("rnnserve_engine_seconds_total", "Compute-thread time in engine trips", ["model", "phase"])
 PHASES = ("prefill", "step", "choose", "bookkeeping")

@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from pydantic_core import PydanticCustomError
 
 from app.engine.inspect import MAX_UNITS
-from app.engine.sampling import BEAM_ONLY, SAMPLE_ONLY
+from app.engine.sampling import BEAM_ONLY, SAMPLE_ONLY, Strategy
+from app.engine.sequence import FinishReason
 
 MAX_SEED = 2**63 - 1
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -30,7 +31,7 @@ class GenerateRequest(BaseModel):
     model: str | None = Field(None, max_length=128, description="Registry name; default: the default model.")
     prompt: str = Field("", description="Text fed before generating (may be empty).")
     max_tokens: int = Field(200, ge=1, description="Characters to generate, 1..RNNSERVE_MAX_TOKENS_LIMIT.")
-    strategy: Literal["greedy", "sample", "beam"] = Field("sample", description="Decoding strategy.")
+    strategy: Strategy = Field("sample", description="Decoding strategy.")
     temperature: float = Field(1.0, gt=0, le=100, description="sample: softmax temperature, > 0.")
     top_k: int = Field(0, ge=0, description="sample: keep the k most likely characters; 0: off.")
     top_p: float = Field(1.0, gt=0, le=1, description="sample: nucleus mass in (0, 1]; 1: off.")
@@ -177,7 +178,7 @@ class GenerateResponse(BaseModel):
     id: str
     model: str
     text: str
-    finish_reason: Literal["length", "stop", "cancelled"]
+    finish_reason: FinishReason
     session_id: str | None
     seed: int
     usage: Usage

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.api import sessions
 from app.api.errors import error_body
+from app.api.job import Job
 from app.api.schemas import (
     CharLogprob,
     CharScore,
@@ -26,14 +27,12 @@ from app.api.schemas import (
     Usage,
 )
 from app.api.tasks import background
-from app.checkpoint import Checkpoint
 from app.config import Settings
-from app.engine.engine import Stream
 from app.engine.sampling import SamplingParams
 from app.engine.sequence import GenerationRequest, GenerationResult
+from app.engine.stream import Stream
 from app.errors import InvalidRequestError, RnnserveError, UnavailableError
-from app.nn import State
-from app.sessions.record import SessionRecord, generator_tensor
+from app.sessions.record import generator_tensor
 
 if TYPE_CHECKING:
     from app.api.deps import Services
@@ -75,21 +74,6 @@ def sampling_params(req: GenerateRequest) -> SamplingParams:
         min_p=req.min_p,
         beam_width=req.beam_width,
     )
-
-
-@dataclass
-class Job:
-    """A validated generation, ready for the engine, and what its session needs afterwards."""
-
-    ckpt: Checkpoint
-    request: GenerationRequest
-    prompt: str  # as read by the model (unknown characters skipped)
-    save: bool
-    owner: str
-    ttl: int
-    session: SessionRecord | None = None  # the session being continued
-    lease: str = ""  # our lease on it
-    state: State | None = None  # the continued session's state
 
 
 @dataclass(frozen=True)
@@ -198,7 +182,7 @@ async def generate(req: GenerateRequest, svc: Services, owner: str) -> GenerateR
             if isinstance(item, GenerationResult):
                 return await finish(job, item, svc)
     finally:
-        if stream.result is None or not stream.delivered:
+        if not stream.delivered:
             stream.abort()
             background(sessions.save_abandoned(job, stream, svc, 0))
 
@@ -212,7 +196,7 @@ async def start_stream(req: GenerateRequest, svc: Services, owner: str) -> tuple
         await sessions.abandon(job, svc)
         raise
     try:
-        stream = svc.engine[job.ckpt].submit(job.request, job.state)
+        stream = svc.engine.submit(job.ckpt, job.request, job.state)
     except BaseException:
         svc.limiter.release(owner)
         await sessions.abandon(job, svc)

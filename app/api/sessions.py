@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from app.api.tasks import background
 from app.checkpoint import Checkpoint
-from app.engine.engine import Stream
 from app.engine.sequence import GenerationResult
+from app.engine.stream import Stream
 from app.errors import ConflictError, RnnserveError, UnavailableError
 from app.nn import State
 from app.sessions.record import TAIL_CHARS, SessionRecord, decode_state, encode_state, generator_bytes
@@ -19,7 +19,7 @@ from app.sessions.store import LEASE_SECONDS, gone
 
 if TYPE_CHECKING:
     from app.api.deps import Services
-    from app.api.serving import Job
+    from app.api.job import Job
 
 log = logging.getLogger(__name__)
 
@@ -123,28 +123,12 @@ async def release_when_back(svc: Services, session_id: str, lease: str, every: f
 
 async def save_abandoned(job: Job, stream: Stream, svc: Services, handed_out: int) -> None:
     """After the client went away: save the session as of the last of the `handed_out` characters."""
-    try:
-        while stream.result is None:
-            await stream.next()
-    except StopAsyncIteration:
-        pass
-    result, seq = stream.result, stream.seq
-    if result is None or seq.start_state is None or not job.save:
+    await stream.ended()
+    result = await stream.result_after(handed_out) if job.save else None
+    if result is None:
         await abandon(job, svc)
         return
-    sent = result.consumed[:handed_out]
-    base: State | None
-    if handed_out >= seq.start_made:
-        # re-read what was sent after the state the row started decoding from
-        base, ids = seq.start_state, [seq.start_pending, *sent[seq.start_made :]]
-    else:  # nothing was sent of what that state holds: read the prompt again
-        base, ids = seq.origin, [*job.request.ids, *sent]
-    state = await svc.engine.prefill(job.ckpt, ids[:-1], base)
-    truncated = GenerationResult(
-        ids=sent, finish_reason="cancelled", state=state, pending=ids[-1],
-        generator_state=seq.generator_state_after(len(sent)), consumed=sent,
-    )  # fmt: skip
     try:
-        await save(job, truncated, svc)
+        await save(job, result, svc)
     except RnnserveError as e:
         log.warning("could not save the session of an abandoned stream: %s", e.message)

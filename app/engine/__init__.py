@@ -1,1 +1,1 @@
-"""Inference: sampling, stopping and the generation loop; no HTTP in here."""
+"""Inference, no HTTP: Engine -> ModelEngine (loop) -> Scheduler (plan) -> Runner (tensors) -> Kernels."""

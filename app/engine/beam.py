@@ -28,7 +28,7 @@ def first_stop(text: str, stop: tuple[str, ...]) -> int:
 @torch.inference_mode()
 def beam_steps(
     model: CharRNN,
-    decode: str,
+    chars: str,
     state: State,
     pending: int,
     max_tokens: int,
@@ -78,7 +78,7 @@ def beam_steps(
             for i, beam in enumerate(live):
                 # a stop string not seen before must end at the new character
                 tail = beam.ids[-window:]
-                at = first_stop("".join(decode[j] for j in tail), stop)
+                at = first_stop("".join(chars[j] for j in tail), stop)
                 if at >= 0:
                     beam.stopped_at = len(beam.ids) - len(tail) + at
                     finished.append((beam, select_state(state, torch.tensor([i]))))
@@ -89,14 +89,14 @@ def beam_steps(
             if not live:
                 break
         if on_text is not None:
-            emitted = _emit_certain(decode, live, [b for b, _ in finished], window, emitted, on_text)
+            emitted = _emit_certain(chars, live, [b for b, _ in finished], window, emitted, on_text)
         yield
     candidates = finished + [(b, select_state(state, torch.tensor([i]))) for i, b in enumerate(live)]
     return max(candidates, key=lambda bs: bs[0].score)
 
 
 def _emit_certain(
-    decode: str, live: list[Beam], finished: list[Beam], window: int, emitted: int, on_text: Callable[[str], None]
+    chars: str, live: list[Beam], finished: list[Beam], window: int, emitted: int, on_text: Callable[[str], None]
 ) -> int:
     """Send the characters past `emitted` that all candidates share; returns the new count sent."""
     # a live beam may still be cut by a stop string starting in its last window-1 characters
@@ -108,5 +108,5 @@ def _emit_certain(
     while end < shortest and all(t[end] == texts[0][end] for t in texts):
         end += 1
     if end > emitted:
-        on_text("".join(decode[i] for i in texts[0][emitted:end]))
+        on_text("".join(chars[i] for i in texts[0][emitted:end]))
     return end

@@ -8,12 +8,9 @@ import torch
 
 from app.engine.beam import beam_steps
 from app.engine.compute import Steps, run_to_end
+from app.engine.config import CHUNK
 from app.engine.sequence import FinishReason, GenerationRequest, GenerationResult, Sequence, TokenLogprob
 from app.nn import CharRNN, State
-
-# Characters of a prompt or a scored text per whole-sequence call, where the work is done in slices
-# that share the compute thread (about 25 ms each on 2 cores for a 2x512 LSTM).
-CHUNK = 256
 
 
 @torch.inference_mode()
@@ -28,7 +25,7 @@ def prefill(model: CharRNN, ids: list[int], state: State | None) -> State:
 
 
 @torch.inference_mode()
-def read(model: CharRNN, ids: list[int], state: State) -> tuple[torch.Tensor, State]:
+def prefill_logits(model: CharRNN, ids: list[int], state: State) -> tuple[torch.Tensor, State]:
     """Run `ids` (not empty) through the whole-sequence kernel: the logits after the last (V,) and the state there."""
     logits, state = model(torch.tensor(ids, dtype=torch.long).view(-1, 1), state)  # (T, 1, V)
     return logits[-1, 0], state
@@ -44,14 +41,14 @@ def prefill_steps(model: CharRNN, ids: list[int], state: State | None) -> Steps[
 
 
 @torch.inference_mode()
-def generate(model: CharRNN, decode: str, req: GenerationRequest, state: State | None) -> GenerationResult:
+def generate(model: CharRNN, chars: str, req: GenerationRequest, state: State | None) -> GenerationResult:
     """Generate after `req.ids`, continuing from `state`: the baseline the batched engine is measured against."""
     if req.params.strategy == "beam":
-        return run_to_end(beam_generation(model, decode, req, state))
-    seq = Sequence(req, decode, state)
+        return run_to_end(beam_generation(model, chars, req, state))
+    seq = Sequence(req, chars, state)
     state = seq.state if seq.state is not None else model.zero_state(1)
     if seq.to_prefill:
-        logits, state = read(model, seq.to_prefill, state)
+        logits, state = prefill_logits(model, seq.to_prefill, state)
         seq.advance(logits)
     while seq.finish_reason is None:
         logits, state = model(torch.tensor([[seq.pending]]), state)
@@ -61,7 +58,7 @@ def generate(model: CharRNN, decode: str, req: GenerationRequest, state: State |
 
 def beam_generation(
     model: CharRNN,
-    decode: str,
+    chars: str,
     req: GenerationRequest,
     state: State | None,
     on_text: Callable[[str], None] | None = None,
@@ -71,7 +68,7 @@ def beam_generation(
     state = yield from prefill_steps(model, req.ids[:-1], state)
     width = req.params.beam_width
     beam, state = yield from beam_steps(
-        model, decode, state, req.ids[-1], req.max_tokens, width, req.stop, req.logprobs, on_text, cancelled
+        model, chars, state, req.ids[-1], req.max_tokens, width, req.stop, req.logprobs, on_text, cancelled
     )
     logprobs = [TokenLogprob(i, lp, top) for i, lp, top in zip(beam.ids, beam.logprobs, beam.top, strict=False)]
     n = beam.stopped_at if beam.stopped_at >= 0 else len(beam.ids)

@@ -1,11 +1,11 @@
-"""Decoding parameters and pure functions on logits: temperature, top-k, top-p, min-p, choice."""
+"""Decoding parameters, pure functions on logits (temperature, top-k, top-p, min-p, choice), the batched sampler."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -50,8 +50,7 @@ def softmax(logits: Tensor) -> Tensor:
     """Softmax over the last dim, computed by numpy on the calling thread.
 
     torch's softmax and exp kernels fork its OpenMP thread team at a batch's sizes, and the team's
-    threads then spin for a while, on the cores the next decoding step needs: per step, at 32
-    streams, that took half a core and a fifth of the throughput.
+    threads then spin for a while, on the cores the next decoding step needs.
     """
     x = logits.detach().numpy()
     # the ufuncs' own reductions: the array methods (max, sum) go through a Python wrapper each, which at
@@ -155,3 +154,62 @@ def choose(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
         return logits.argmax(dim=-1)
     probs = softmax(filtered_logits(logits, params))
     return torch.tensor(draw(probs, torch.rand(logits.shape[0], generator=generator, dtype=torch.float64).numpy()))
+
+
+class Row(Protocol):
+    """What the batched sampler needs of a row's sequence."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def params(self) -> SamplingParams: ...
+    @property
+    def finish_reason(self) -> str | None: ...
+    def uniform(self) -> float: ...
+
+
+class RowSampler:
+    """The next character of every row of a batch at once: argmax for greedy rows; for sampling
+    rows, their own filters and one uniform draw from their own generator each (as `choose`).
+    Built once per batch composition: per step, only the logits are new."""
+
+    def __init__(self, rows: Sequence[Row]) -> None:
+        self.key = self._key(rows)
+        self.rows = [i for i, row in enumerate(rows) if row.params.strategy == "sample" and row.finish_reason is None]
+        self.sampling = [rows[i] for i in self.rows]
+        params = [row.params for row in self.sampling]
+        # a filter that is off for every row is passed as its scalar "off" value, so it is skipped
+        self.temperature = self._column([p.temperature for p in params], 1.0)
+        self.top_k = self._column([p.top_k for p in params], 0)
+        self.top_p = self._column([p.top_p for p in params], 1.0)
+        self.min_p = self._column([p.min_p for p in params], 0.0)
+        columns = (self.temperature, self.top_k, self.top_p, self.min_p)
+        self.filtering = any(isinstance(c, Tensor) for c in columns)  # a filter on for some row
+
+    @staticmethod
+    def _key(rows: Sequence[Row]) -> tuple[int, ...]:
+        return tuple(row.id if row.finish_reason is None else -1 for row in rows)
+
+    @staticmethod
+    def _column(values: list[float], off: float) -> Tensor | float:
+        if all(v == off for v in values):
+            return off
+        return torch.tensor(values, dtype=torch.float32).unsqueeze(1)  # (R, 1)
+
+    def fits(self, rows: Sequence[Row]) -> bool:
+        return self._key(rows) == self.key
+
+    def choose(self, logits: Tensor) -> list[int]:
+        if not self.rows:
+            return logits.argmax(dim=-1).tolist()
+        every = len(self.rows) == logits.shape[0]  # every row samples: no gather, no scatter
+        sampled = logits if every else logits[self.rows]
+        if self.filtering:
+            sampled = filter_logits(sampled, self.temperature, self.top_k, self.top_p, self.min_p)
+        drawn = draw(softmax(sampled), [row.uniform() for row in self.sampling])
+        if every:
+            return drawn
+        chosen = logits.argmax(dim=-1).tolist()
+        for row, nxt in zip(self.rows, drawn, strict=True):
+            chosen[row] = nxt
+        return chosen

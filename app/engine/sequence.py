@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import itertools
 from dataclasses import dataclass, field
 from typing import Literal
@@ -19,6 +20,15 @@ _ids = itertools.count()
 # end): one call per block instead of one per character. torch.rand(n) gives the numbers of n calls
 # of torch.rand(1), so the characters are the same.
 UNIFORM_BLOCK = 64
+
+
+class Status(enum.Enum):
+    """Where a sequence is in the engine; the scheduler moves it along."""
+
+    WAITING = "waiting"  # queued for a row
+    PREFILLING = "prefilling"  # admitted, its prompt still being prefilled
+    RUNNING = "running"  # a row of the batch, decoding
+    FINISHED = "finished"  # its result is made
 
 
 @dataclass(frozen=True)
@@ -58,12 +68,13 @@ class GenerationResult:
 class Sequence:
     """Decoding state of one request; the engine (or the naive loop) feeds it one row of logits per step."""
 
-    def __init__(self, req: GenerationRequest, decode: str, state: State | None) -> None:
+    def __init__(self, req: GenerationRequest, chars: str, state: State | None) -> None:
         self.id = next(_ids)
         self.req = req
-        self.decode = decode
-        # still to run through the whole-sequence kernel: a prompt is read to its end, and the
-        # logits after it give the first character; with nothing to read, the first step does
+        self.chars = chars  # the vocabulary: id -> character
+        self.status = Status.WAITING
+        # still to prefill (the whole-sequence kernel): a prompt is prefilled to its end, and the
+        # logits after it give the first character; with nothing to prefill, the first step does
         self.to_prefill = list(req.ids) if len(req.ids) > 1 else []
         self.pending = req.ids[-1]  # the input of the next step
         self.origin = state  # the state before the prompt
@@ -77,7 +88,8 @@ class Sequence:
         self.released = 0  # characters of self.ids the stop checker has let out
         self.unsent = ""  # released text not yet handed to the client
         self.finish_reason: FinishReason | None = None
-        self.cancelled = False
+        self.cancelled = False  # asked for by the client, from the event loop; the scheduler acts on it
+        self.shown = False  # some of its text has reached the client's stream
         self.final: GenerationResult | None = None
         # the state a row started decoding from (after the prompt and the characters made from it,
         # `start_made`), before `start_pending`
@@ -128,7 +140,7 @@ class Sequence:
             self.logprobs.append(TokenLogprob(nxt, float(lp[nxt]), alts))
         self.ids.append(nxt)
         self.pending = nxt
-        text, stopped = self.stopper.push(self.decode[nxt])
+        text, stopped = self.stopper.push(self.chars[nxt])
         if stopped:
             self.finish_reason = "stop"
         elif len(self.ids) >= self.req.max_tokens:
@@ -156,6 +168,7 @@ class Sequence:
     def finish(self, state: State | None) -> None:
         """Record the final result, with the state after the last character (None: not reached)."""
         self.final = self.result(state)
+        self.status = Status.FINISHED
 
     def result(self, state: State | None) -> GenerationResult:
         assert self.finish_reason is not None

@@ -56,12 +56,12 @@ def test_int8_weights_setting_reaches_the_engines(tiny_models_dir: Path) -> None
     settings = Settings(models_dir=tiny_models_dir, default_model="tiny-lstm", weights="int8")
     with TestClient(create_app(settings)) as c:
         engines = c.app.state.services.engine.engines  # type: ignore[attr-defined]
-        assert {type(e.fused).__name__ for e in engines.values()} == {"OnnxStep"}
-        assert {e.fused.weights for e in engines.values()} == {"int8"}
+        assert {type(e.kernels.step).__name__ for e in engines.values()} == {"OnnxStep"}
+        assert {e.kernels.step.weights for e in engines.values()} == {"int8"}
         r = c.post("/generate", json={"prompt": "ROMEO:", "max_tokens": 20, "seed": 1})
         assert r.status_code == 200 and len(r.json()["text"]) == 20
 
 
 def test_int8_weights_need_the_onnx_step() -> None:
-    with pytest.raises(ValueError, match="RNNSERVE_WEIGHTS=int8 needs RNNSERVE_STEP=onnx"):
+    with pytest.raises(ValueError, match="RNNSERVE_WEIGHTS: int8 weights need the onnx backend"):
         Settings(weights="int8", step="torch")

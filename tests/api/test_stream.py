@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from app.api.deps import Services
 from app.config import Settings
-from app.engine.engine import ModelEngine
+from app.engine.model_engine import ModelEngine
 from app.errors import UnavailableError
 from tests.api.conftest import LiveServer, error_of, write_tiny_models
 
@@ -81,25 +81,20 @@ def engine_of(server: LiveServer, model: str) -> ModelEngine:
 
 
 class Slow:
-    """Wraps a model (or its fused decoding step) so every call takes at least `delay` seconds."""
+    """Wraps a kernel so every call takes at least `delay` seconds."""
 
-    def __init__(self, model: Any, delay: float) -> None:
-        self.model, self.delay = model, delay
+    def __init__(self, kernel: Any, delay: float) -> None:
+        self.kernel, self.delay = kernel, delay
 
     def __call__(self, *args: Any) -> Any:
         time.sleep(self.delay)
-        return self.model(*args)
-
-    def zero_state(self, n: int) -> Any:
-        return self.model.zero_state(n)
+        return self.kernel(*args)
 
 
 def slow_down(monkeypatch: pytest.MonkeyPatch, engine: ModelEngine, delay: float) -> None:
-    """Every engine step of this model (prompt reads and decoding) takes at least `delay` seconds."""
-    monkeypatch.setattr(engine, "model", Slow(engine.model, delay))
-    monkeypatch.setattr(engine, "reader", Slow(engine.reader, delay))
-    if getattr(engine, "fused", None) is not None:
-        monkeypatch.setattr(engine, "fused", Slow(engine.fused, delay))
+    """Every engine step of this model (prefill calls and decoding) takes at least `delay` seconds."""
+    monkeypatch.setattr(engine.kernels, "decode", Slow(engine.kernels.decode, delay))
+    monkeypatch.setattr(engine.kernels, "prefill", Slow(engine.kernels.prefill, delay))
 
 
 def wait_for(condition: Any, timeout: float = 3.0) -> bool:

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from app.config import Settings
-from app.engine.engine import ModelEngine
+from app.engine.model_engine import ModelEngine
 from app.errors import UnavailableError
 from tests.api.conftest import LiveServer, write_tiny_models
 from tests.api.test_stream import engine_of, first_new_substring, services_of, slow_down, wait_for
@@ -410,20 +410,20 @@ def test_a_session_abandoned_before_its_first_character_keeps_the_prompt_and_not
     engine = engine_of(live_server, "tiny-lstm")
     start, session, before = greedy_session(live_server, "tiny-lstm")
     fork = httpx.post(f"{live_server.url}/sessions/{session}/fork").json()["session_id"]
-    # the client goes away while the prompt is read: the read makes the first character, never sent
+    # the client goes away during the prefill, which makes the first character, never sent
     entered, go = threading.Event(), threading.Event()
-    reader = engine.reader
+    prefill = engine.kernels.prefill
 
     def gated(*args: Any) -> Any:
         entered.set()
         go.wait(10)
-        return reader(*args)
+        return prefill(*args)
 
-    monkeypatch.setattr(engine, "reader", gated)
+    monkeypatch.setattr(engine.kernels, "prefill", gated)
     with open_ws(live_server) as ws:
         send(ws, {"type": "generate", "model": "tiny-lstm", "prompt": "B", "max_tokens": 50, "session_id": session})
         assert entered.wait(10)
-    assert wait_for(lambda: all(s.seq.cancelled for s in engine.streams))
+    assert wait_for(lambda: all(s.seq.cancelled for s in engine.streams.values()))
     go.set()
     assert wait_for(lambda: engine.load == 0)
     assert wait_for(lambda: httpx.get(f"{live_server.url}/sessions/{session}").json()["chars"] != before["chars"])

@@ -14,21 +14,14 @@ import torch
 
 from app.checkpoint import Checkpoint
 from app.engine.compute import run_to_end
-from app.engine.engine import (
-    PREFILL_CHUNKS_PER_STEP,
-    ROW_MULTIPLE,
-    STEP_BUDGET_S,
-    TRIP_S_PER_ROW,
-    ModelEngine,
-    RowSampler,
-    Stream,
-    read_min_rows,
-    row_multiple,
-    trip_budget,
-)
+from app.engine.config import STEP_BUDGET_S, Backend, EngineConfig
+from app.engine.engine import Engine
 from app.engine.generate import beam_generation
-from app.engine.sampling import SamplingParams
-from app.engine.sequence import UNIFORM_BLOCK, GenerationRequest, GenerationResult
+from app.engine.model_engine import TRIP_S_PER_ROW, ModelEngine, trip_budget
+from app.engine.sampling import RowSampler, SamplingParams
+from app.engine.scheduler import PREFILL_CHUNKS_PER_STEP
+from app.engine.sequence import UNIFORM_BLOCK, GenerationRequest, GenerationResult, Sequence
+from app.engine.stream import Stream
 from app.errors import OverloadedError
 from app.nn import CharRNN, State
 from app.vocab import Vocab
@@ -56,8 +49,8 @@ def make_engine(
     step: str = "torch",
     weights: str = "fp32",
 ) -> ModelEngine:
-    ckpt = Checkpoint("tiny", model, vocab, {}, "0" * 64)
-    return ModelEngine(ckpt, max_batch, max_queue, prefill_chunk, step=step, step_budget=step_budget, weights=weights)
+    config = EngineConfig(max_batch, max_queue, step, weights, step_budget, prefill_chunk)  # type: ignore[arg-type]
+    return ModelEngine(Checkpoint("tiny", model, vocab, {}, "0" * 64), config)
 
 
 @asynccontextmanager
@@ -82,11 +75,11 @@ def trace_steps(engine: ModelEngine) -> StepTrace:
     trace = StepTrace([], [], [])
     step = engine._step
 
-    def traced(admitted: list[Stream]) -> list[Stream]:
+    def traced(admitted: list[Sequence]) -> list[Sequence]:
         touched = step(admitted)
         trace.admitted.append(len(admitted))
-        trace.prefilling.append(len(engine.prefilling))
-        trace.running.append(len(engine.running))
+        trace.prefilling.append(len(engine.scheduler.prefilling))
+        trace.running.append(len(engine.scheduler.running))
         return touched
 
     engine._step = traced  # type: ignore[method-assign]
@@ -277,12 +270,12 @@ def test_long_prompt_is_prefilled_in_chunks_with_the_same_result(
     assert len(trace.running) == chunk_steps - 1 + n
 
 
-def test_a_burst_of_prompts_is_read_a_few_chunks_per_step_while_the_first_ones_decode(
+def test_a_burst_of_prompts_is_prefilled_a_few_chunks_per_step_while_the_first_ones_decode(
     tiny_model: Callable[..., CharRNN], vocab: Vocab, tiny_text: str
 ) -> None:
     model = tiny_model("gru")
     chunk = 16
-    prompts = [tiny_text[i * 7 : i * 7 + 40] for i in range(10)]  # 40 characters to read each (bos + 39)
+    prompts = [tiny_text[i * 7 : i * 7 + 40] for i in range(10)]  # 40 characters to prefill each (bos + 39)
     reqs = [request(vocab, p, 12, SamplingParams(), seed=i) for i, p in enumerate(prompts)]
 
     async def alone() -> list[GenerationResult]:
@@ -299,9 +292,9 @@ def test_a_burst_of_prompts_is_read_a_few_chunks_per_step_while_the_first_ones_d
     expected = run(alone())
     got, trace = run(burst())
     assert [r.ids for r in got] == [r.ids for r in expected]
-    reading = [n for n in trace.prefilling if n]
+    prefilling = [n for n in trace.prefilling if n]
     budget = PREFILL_CHUNKS_PER_STEP * chunk
-    assert len(reading) >= 10 * 40 // budget - 1  # the prompts took several steps to read ...
+    assert len(prefilling) >= 10 * 40 // budget - 1  # the prompts took several steps to prefill ...
     assert any(p and r for p, r in zip(trace.prefilling, trace.running, strict=True))  # ... while others decoded
 
 
@@ -362,6 +355,33 @@ def test_abort_while_prefilling_ends_without_a_state(
     assert load == 0
 
 
+def test_result_after_is_the_result_as_of_the_characters_a_client_received(
+    tiny_model: Callable[..., CharRNN], vocab: Vocab
+) -> None:
+    model = tiny_model("lstm")
+
+    async def main() -> tuple[GenerationResult, GenerationResult | None, GenerationResult | None]:
+        async with started(make_engine(model, vocab)) as engine:
+            stream = engine.submit(request(vocab, "ROMEO:", 40, SamplingParams(), seed=4))
+            _, full = await collect(stream)
+            return full, await stream.result_after(10), await stream.result_after(0)
+
+    full, cut, none_sent = run(main())
+    prompt = [vocab.bos, *vocab.encode("ROMEO:")]
+    assert cut is not None and none_sent is not None
+    assert cut.ids == cut.consumed == full.ids[:10] and cut.finish_reason == "cancelled"
+    assert cut.pending == full.ids[9]
+    _, ref = model(torch.tensor([*prompt, *full.ids[:9]]).view(-1, 1))
+    assert_states_close(cut.state, ref)
+    after_ten = torch.Generator().manual_seed(4)
+    torch.rand(10, generator=after_ten, dtype=torch.float64)  # one draw per character made
+    assert torch.equal(cut.generator_state, after_ten.get_state())
+    # nothing received: the state after the prompt, its last character pending
+    assert none_sent.ids == [] and none_sent.pending == prompt[-1]
+    _, ref = model(torch.tensor(prompt[:-1]).view(-1, 1))
+    assert_states_close(none_sent.state, ref)
+
+
 def test_abort_after_the_end_changes_nothing(tiny_model: Callable[..., CharRNN], vocab: Vocab) -> None:
     async def main() -> tuple[GenerationResult, str | GenerationResult | None]:
         async with started(make_engine(tiny_model("rnn"), vocab)) as engine:
@@ -405,8 +425,8 @@ def test_bounded_queue_raises_overloaded(tiny_model: Callable[..., CharRNN], voc
         engine = make_engine(model, vocab, max_batch=2, max_queue=1)
         async with started(engine):
             streams = [engine.submit(request(vocab, "A", FOREVER, seed=i)) for i in range(3)]
-            await until(lambda: len(engine.running) == 2)
-            assert engine.load == 3 and len(engine.waiting) == 1
+            await until(lambda: len(engine.scheduler.running) == 2)
+            assert engine.load == 3 and len(engine.scheduler.waiting) == 1
             with pytest.raises(OverloadedError) as full:
                 engine.submit(request(vocab, "A", 5))
             beam = SamplingParams(strategy="beam", beam_width=2)
@@ -416,7 +436,7 @@ def test_bounded_queue_raises_overloaded(tiny_model: Callable[..., CharRNN], voc
             await collect(streams[0])
             await until(lambda: engine.load == 2)
             late = engine.submit(request(vocab, "C", 3))  # there is room again
-            await until(lambda: len(engine.running) == 2)  # the queued one took the freed slot
+            await until(lambda: len(engine.scheduler.running) == 2)  # the queued one took the freed slot
             for s in streams[1:]:
                 s.abort()
             _, result = await collect(late)
@@ -553,8 +573,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(
 
     async def main() -> tuple[GenerationResult, GenerationResult, list[str], GenerationResult, int]:
         engine = make_engine(model, vocab)
-        attr = "fused" if getattr(engine, "fused", None) is not None else "model"
-        setattr(engine, attr, FailingOnce(getattr(engine, attr), at=5))
+        engine.kernels.decode = FailingOnce(engine.kernels.decode, at=5)  # type: ignore[method-assign]
         async with started(engine):
             a = engine.submit(request(vocab, "A", 50))
             b = engine.submit(request(vocab, "B", 50, SamplingParams(), seed=1))
@@ -578,7 +597,7 @@ def test_a_failing_beam_search_ends_its_stream(
     def broken(*args: Any, **kw: Any) -> GenerationResult:
         raise RuntimeError("simulated beam failure")
 
-    monkeypatch.setattr("app.engine.engine.beam_generation", broken)
+    monkeypatch.setattr("app.engine.model_engine.beam_generation", broken)
 
     async def main() -> tuple[str | GenerationResult | None, int]:
         async with started(make_engine(tiny_model("gru"), vocab)) as engine:
@@ -597,15 +616,15 @@ def test_a_failing_beam_search_ends_its_stream(
 def count_trips(engine: ModelEngine) -> list[int]:
     """Steps run by each trip to the worker thread."""
     trips: list[int] = []
-    steps = engine._steps
+    steps = engine._trip
 
-    def counted(admitted: list[Stream]) -> list[Stream]:
+    def counted(admitted: list[Sequence]) -> list[Sequence]:
         before = engine.steps
         touched = steps(admitted)
         trips.append(engine.steps - before)
         return touched
 
-    engine._steps = counted  # type: ignore[method-assign]
+    engine._trip = counted  # type: ignore[method-assign]
     return trips
 
 
@@ -670,33 +689,21 @@ def test_every_model_call_runs_on_the_one_compute_thread(tiny_model: Callable[..
     model.forward = recorded  # type: ignore[method-assign]
 
     async def main() -> None:
-        async with started(make_engine(model, vocab)) as engine:
-            await collect(engine.submit(request(vocab, "KING:", 20)))
-            await collect(engine.submit(request(vocab, "KING:", 20, SamplingParams(strategy="beam", beam_width=3))))
-            await engine.score([vocab.bos, *vocab.encode("To be, or not to be")])
-            await engine.prefill(vocab.encode("Let me not to the marriage of true minds" * 20))
+        engine = Engine(EngineConfig(backend=Backend.TORCH))
+        ckpt = Checkpoint("tiny", model, vocab, {}, "0" * 64)
+        await engine.start({ckpt.name: ckpt})
+        try:
+            await collect(engine.submit(ckpt, request(vocab, "KING:", 20)))
+            await collect(
+                engine.submit(ckpt, request(vocab, "KING:", 20, SamplingParams(strategy="beam", beam_width=3)))
+            )
+            await engine.score(ckpt, [vocab.bos, *vocab.encode("To be, or not to be")])
+            await engine.engines[ckpt.name].prefill(vocab.encode("Let me not to the marriage of true minds" * 20))
+        finally:
+            await engine.stop()
 
     run(main())
     assert len(threads) == 1 and next(iter(threads)).startswith("compute")
-
-
-class RowwiseStep:
-    """A step of elementwise operations only (each row on its own); `drift` > 0 makes it depend on the batch size."""
-
-    def __init__(self, model: CharRNN, drift: float = 0.0) -> None:
-        self.model = model
-        self.drift = drift
-
-    def __call__(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        h = state[0] if isinstance(state, tuple) else state
-        logits = h[-1][:, :1] * self.model.head.weight[:, 0] + self.model.embed.weight[ids, :1] + self.drift * len(ids)
-        return logits, state
-
-
-def test_batches_are_padded_only_where_the_kernels_need_it(tiny_model: Callable[..., CharRNN]) -> None:
-    model = tiny_model("lstm")
-    assert row_multiple(RowwiseStep(model), model) == 1
-    assert row_multiple(RowwiseStep(model, drift=1e-3), model) == ROW_MULTIPLE
 
 
 def test_the_sampling_columns_are_rebuilt_only_when_the_batch_changes(
@@ -707,7 +714,7 @@ def test_the_sampling_columns_are_rebuilt_only_when_the_batch_changes(
     built: list[int] = []
     original = RowSampler.__init__
 
-    def counted(self: RowSampler, seqs: list[Any]) -> None:
+    def counted(self: RowSampler, seqs: Any) -> None:
         built.append(len(seqs))
         original(self, seqs)
 
@@ -723,42 +730,13 @@ def test_the_sampling_columns_are_rebuilt_only_when_the_batch_changes(
 
     results = run(main())
     assert [len(r.ids) for r in results] == [30, 60]
-    # both rows join (one or two batches), then the first leaves: a handful of builds for 60 steps
-    # one per prompt for its first character (one or two reads), then the batch's: both rows join, the
-    # first leaves; a handful of builds for 60 steps
+    # one per prompt for its first character (one or two prefill calls), then the batch's: both rows
+    # join, the first leaves; a handful of builds for 60 steps
     assert 3 <= len(built) <= 5 and built[-1] == 1
 
 
-class RowwiseReader:
-    """A prompt reader of elementwise operations only, carrying its state exactly across calls;
-    `drift` > 0 makes a row depend on the batch size, `single_drift` > 0 makes a lone row differ,
-    `split_drift` > 0 makes two calls differ from one."""
-
-    def __init__(self, model: CharRNN, drift: float = 0.0, single_drift: float = 0.0, split_drift: float = 0.0) -> None:
-        self.model, self.drift, self.single_drift, self.split_drift = model, drift, single_drift, split_drift
-
-    def __call__(self, rows: list[list[int]], state: State) -> tuple[torch.Tensor, State]:
-        h = state[0] if isinstance(state, tuple) else state
-        scale = torch.tensor([0.5 ** len(row) * (1 + self.split_drift * len(row) ** 2) for row in rows])
-        h = h * scale.view(1, -1, 1)  # halving is exact: two calls give the bits of one
-        logits = h[-1][:, :1] * self.model.head.weight[:, 0] + self.drift * len(rows)
-        if len(rows) == 1:
-            logits = logits + self.single_drift
-        return logits, (h, h) if isinstance(state, tuple) else h
-
-
-def test_prompts_are_read_together_only_where_a_row_cannot_depend_on_the_others(
-    tiny_model: Callable[..., CharRNN],
-) -> None:
-    model = tiny_model("gru")
-    assert read_min_rows(RowwiseReader(model), model) == 1
-    assert read_min_rows(RowwiseReader(model, single_drift=1e-3), model) == 2
-    assert read_min_rows(RowwiseReader(model, drift=1e-3), model) == 0
-    assert read_min_rows(RowwiseReader(model, split_drift=1e-3), model) == 0
-
-
 @pytest.mark.parametrize("arch", ["lstm", "gru", "rnn"])
-def test_a_burst_of_prompts_is_read_in_one_call_with_the_results_of_each_alone(
+def test_a_burst_of_prompts_is_prefilled_in_one_call_with_the_results_of_each_alone(
     arch: str, tiny_model: Callable[..., CharRNN], vocab: Vocab, tiny_text: str
 ) -> None:
     model = tiny_model(arch)
@@ -768,21 +746,21 @@ def test_a_burst_of_prompts_is_read_in_one_call_with_the_results_of_each_alone(
     async def main() -> tuple[list[GenerationResult], list[GenerationResult], bool]:
         solo = [(await alone(model, vocab, r, "onnx"))[1] for r in reqs]
         engine = make_engine(model, vocab, step="onnx", prefill_chunk=16)
-        reader = engine.reader
+        prefill = engine.kernels.prefill
 
         def counted(rows: list[list[int]], state: State) -> tuple[torch.Tensor, State]:
             calls.append(len(rows))
-            return reader(rows, state)
+            return prefill(rows, state)
 
-        engine.reader = counted
+        engine.kernels.prefill = counted  # type: ignore[method-assign]
         async with started(engine):
             together = await asyncio.gather(*(collect(engine.submit(r)) for r in reqs))
-        return solo, [r for _, r in together], engine.read_rows == (2 if arch == "rnn" else 1)
+        return solo, [r for _, r in together], engine.kernels.prefill_rows == (2 if arch == "rnn" else 1)
 
     solo, together, batched = run(main())
     assert batched
     # 11 to 46 ids per prompt, 16 of each per call (the step's budget, 64, over 6 rows is less):
-    # every prompt in the first call, then those still reading
+    # every prompt in the first call, then those still prefilling
     assert calls == [6, 5, 2]
     assert [r.ids for r in together] == [r.ids for r in solo]
     for a, b in zip(together, solo, strict=True):
@@ -798,14 +776,13 @@ def test_a_prompt_gives_its_first_character_without_a_decoding_step(
 
     async def main() -> tuple[GenerationResult, GenerationResult, GenerationResult]:
         engine = make_engine(model, vocab, step=step)
-        fused = engine.fused
+        decode = engine.kernels.decode
 
         def counted(ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
             steps.append(len(ids))
-            assert fused is not None
-            return fused(ids, state)
+            return decode(ids, state)
 
-        engine.fused = counted
+        engine.kernels.decode = counted  # type: ignore[method-assign]
         async with started(engine):
             one = (await collect(engine.submit(request(vocab, "ROMEO:", 1))))[1]
             stepped = len(steps)

@@ -14,9 +14,10 @@ from pydantic import ValidationError
 from app.api import serving
 from app.api.deps import Services, authenticate, get_services
 from app.api.errors import describe_validation_error, error_body
+from app.api.job import Job
 from app.api.schemas import GenerateRequest
 from app.api.serving import DoneEvent, ErrorEvent, TokenEvent
-from app.engine.engine import Stream
+from app.engine.stream import Stream
 from app.errors import RnnserveError
 
 router = APIRouter(tags=["generate"])
@@ -62,7 +63,7 @@ class Connection:
         self.stream = stream
         self.task = asyncio.create_task(self.pump(job, stream))
 
-    async def pump(self, job: serving.Job, stream: Stream) -> None:
+    async def pump(self, job: Job, stream: Stream) -> None:
         async for ev in serving.stream_events(job, stream, self.svc):
             if isinstance(ev, TokenEvent):
                 await self.send({"type": "token", "text": ev.text, "index": ev.index})
