@@ -33,6 +33,7 @@ from app.engine.sampling import SamplingParams
 from app.engine.sequence import GenerationRequest, GenerationResult
 from app.errors import InvalidRequestError, RnnserveError, UnavailableError
 from app.nn import State
+from app.sessions.lease import Lease
 from app.sessions.record import SessionRecord, generator_tensor
 
 if TYPE_CHECKING:
@@ -88,8 +89,13 @@ class Job:
     owner: str
     ttl: int
     session: SessionRecord | None = None  # the session being continued
-    lease: str = ""  # our lease on it
+    lease: Lease | None = None  # our lease on it, renewed until it is committed or released
     state: State | None = None  # the continued session's state
+
+    @property
+    def lost(self) -> RnnserveError | None:
+        """Why the continued session is no longer ours (its lease ran out and was taken), if it is not."""
+        return self.lease.lost if self.lease is not None else None
 
 
 @dataclass(frozen=True)
@@ -125,13 +131,15 @@ async def prepare(req: GenerateRequest, svc: Services, owner: str) -> Job:
     record = await sessions.load(svc, req.session_id, owner, req.model)
     ckpt = svc.registry.get(record.model)
     prompt_ids = ckpt.vocab.encode(req.prompt, req.unknown_chars, param="prompt")
-    lease = secrets.token_hex(16)
+    token = secrets.token_hex(16)
     try:
-        record = await svc.store.acquire(record.session_id, lease)
+        record = await svc.store.acquire(record.session_id, token)
     except UnavailableError:
         # the store may have granted the lease before the reply was lost: give it back once it answers
-        background(sessions.release_when_back(svc, record.session_id, lease))
+        background(sessions.release_when_back(svc, record.session_id, token))
         raise
+    lease = Lease(svc.store, record.session_id, token)
+    lease.start()
     try:
         sessions.check_model(record, ckpt)
         state = sessions.state_of(record, ckpt)
@@ -141,7 +149,8 @@ async def prepare(req: GenerateRequest, svc: Services, owner: str) -> Job:
         if req.seed is None:
             request = replace(request, generator_state=generator_tensor(record.generator_state))
     except BaseException:
-        await svc.store.release(record.session_id, lease)
+        lease.stop()
+        await svc.store.release(record.session_id, token)
         raise
     return Job(ckpt, request, ckpt.vocab.decode(prompt_ids), req.save_session, owner, ttl, record, lease, state)
 
@@ -159,9 +168,14 @@ def make_request(req: GenerateRequest, ids: list[int], seed: int) -> GenerationR
 
 async def finish(job: Job, result: GenerationResult, svc: Services) -> GenerateResponse:
     """Save (or release) the session, then build the response."""
+    if job.lost is not None:
+        raise job.lost
     vocab = job.ckpt.vocab
     text = vocab.decode(result.ids)
-    session = await sessions.save(job, result, svc)
+    try:
+        session = await sessions.save(job, result, svc)
+    finally:
+        sessions.stop_renewing(job)
     logprobs = None
     if job.request.logprobs:
         logprobs = [
@@ -218,6 +232,8 @@ async def start_stream(req: GenerateRequest, svc: Services, owner: str) -> tuple
         await sessions.abandon(job, svc)
         raise
     stream.when_done(lambda: svc.limiter.release(owner))
+    if job.lease is not None:
+        job.lease.on_lost = stream.abort  # a generation that lost its session stops at the next step
     return job, stream
 
 
