@@ -1,5 +1,6 @@
 """Session leases with a short lease: renewed for as long as a continuation runs, freed when their holder
-dies, and a generation whose lease was taken stops with an error and saves nothing. Each with either store."""
+dies, and a generation whose lease was taken stops with an error and saves nothing. Each with the in-process
+store, a redis-server and a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from app.sessions.redis_store import PREFIX, RedisStore
 from tests.api.conftest import error_of
 from tests.api.test_stream import iter_sse, slow_down
 from tests.conftest import RedisServer
-from tests.sessions.conftest import ClientFactory, stored
+from tests.sessions.conftest import STORES, ClientFactory, stored
 
 LEASE = 1.0  # seconds
 STEP = 0.01  # seconds each engine step takes at least, once slowed down: n characters take n * STEP seconds or more
@@ -32,9 +33,17 @@ PROMPT = "First Citizen:\nBefore we proceed any further, hear me speak."
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(params=[*STORES, "redis-cluster"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
 def leased(store_kind: str, make_client: ClientFactory, request: pytest.FixtureRequest) -> TestClient:
-    """An app over the tiny models whose leases last LEASE seconds, with either store."""
+    """An app over the tiny models whose leases last LEASE seconds, with a store of each kind."""
+    if store_kind == "redis-cluster":
+        return make_client(redis_url=request.getfixturevalue("redis_cluster").url, redis_cluster=True,
+                           lease_seconds=LEASE)  # fmt: skip
     url = request.getfixturevalue("redis_server").url if store_kind == "redis" else None
     return make_client(redis_url=url, lease_seconds=LEASE)
 
@@ -47,13 +56,13 @@ def engine_of(client: TestClient, model: str) -> ModelEngine:
 def generate(client: TestClient | httpx.Client, **body: Any) -> dict[str, Any]:
     response = client.post("/generate", json=body)
     assert response.status_code == 200, response.text
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
 def session_chars(client: TestClient, session_id: str) -> int:
     response = client.get(f"/sessions/{session_id}")
     assert response.status_code == 200, response.text
-    return response.json()["chars"]  # type: ignore[no-any-return]
+    return response.json()["chars"]
 
 
 def holder(client: TestClient, session_id: str) -> tuple[str, float]:
@@ -102,7 +111,7 @@ def continue_until_served(client: TestClient, session_id: str, deadline: float) 
     while True:
         response = client.post("/generate", json={"session_id": session_id, "max_tokens": 3})
         if response.status_code == 200:
-            return response.json()  # type: ignore[no-any-return]
+            return response.json()
         assert response.status_code == 409, response.text
         assert error_of(response)["type"] == "conflict_error"
         assert time.monotonic() < deadline, "the session was not freed in time"
