@@ -42,10 +42,12 @@ class Lease:
             await asyncio.sleep(self.store.lease_seconds / 3)
             try:
                 await self.store.renew(self.session_id, self.token)
-            except UnavailableError as e:
-                log.warning("lease of session %s not renewed: %s", self.session_id, e.message)
             except (ConflictError, NotFoundError) as e:
                 self.lost = e
                 if self.on_lost is not None:
                     self.on_lost()
                 return
+            except UnavailableError as e:
+                log.warning("lease of session %s not renewed: %s", self.session_id, e.message)
+            except Exception:  # the beat must go on: a dead heartbeat would lose the session silently
+                log.exception("lease of session %s not renewed", self.session_id)

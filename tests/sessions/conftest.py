@@ -106,13 +106,12 @@ def free_cluster_port(taken: set[int]) -> int:
 class RedisClusterNodes:
     """A throwaway Redis Cluster of 3 masters and 3 replicas on free ports, without persistence.
 
-    A node's timeout is short, so a replica takes over a killed master within a few seconds.
+    A replica takes over a master that did not answer for `node_timeout_ms`.
     """
 
-    NODE_TIMEOUT_MS = 2000
-
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, node_timeout_ms: int = 15_000) -> None:
         self.directory = directory
+        self.node_timeout_ms = node_timeout_ms
         ports: set[int] = set()
         for _ in range(6):
             ports.add(free_cluster_port(ports))
@@ -123,7 +122,7 @@ class RedisClusterNodes:
     def start(self) -> None:
         for port in self.ports:
             args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                    "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS),
+                    "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", str(self.node_timeout_ms),
                     "--dir", str(self.directory), "--save", "", "--appendonly", "no",
                     "--loglevel", "warning"]  # fmt: skip
             with open(self.directory / f"redis-{port}.log", "ab") as log:
@@ -204,7 +203,10 @@ class RedisClusterNodes:
 
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
-    """A Redis Cluster of the test session's own (tests that kill a node use `own_redis_cluster`)."""
+    """A Redis Cluster of the test session's own (tests that kill a node use `own_redis_cluster`).
+
+    Its nodes' timeout is Redis's default, so a busy machine does not make a replica take over.
+    """
     cluster = RedisClusterNodes(tmp_path_factory.mktemp("redis-cluster"))
     try:
         cluster.start()
@@ -215,8 +217,8 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
 
 @pytest.fixture
 def own_redis_cluster(tmp_path: Path) -> Iterator[RedisClusterNodes]:
-    """A Redis Cluster for this test alone."""
-    cluster = RedisClusterNodes(tmp_path)
+    """A Redis Cluster for this test alone, whose replicas take over a killed master within seconds."""
+    cluster = RedisClusterNodes(tmp_path, node_timeout_ms=2000)
     try:
         cluster.start()
         yield cluster
