@@ -110,7 +110,9 @@ def test_a_master_killed_mid_service_fails_over_and_the_same_server_serves_every
             response = client.post("/generate", json={"session_id": sid, "max_tokens": 2})
             if response.status_code == 200:
                 break
-            assert response.status_code == 503, response.text  # the store is unavailable, briefly
+            # the store is unavailable for a while (503); an attempt cut off between its lease and its
+            # commit leaves the session leased (409) until it is given back or runs out
+            assert response.status_code in (409, 503), response.text
             assert time.monotonic() < killed + FAILOVER_SECONDS, f"session {sid} not served again after the failover"
             time.sleep(0.2)
         assert response.json()["usage"]["session_chars"] == before + 2
