@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     session_ttl: int = Field(86_400, ge=1, description="Seconds a session lives after its last update.")
     max_session_ttl: int = Field(30 * 86_400, ge=1, description="Largest `session_ttl` a request may ask for.")
     max_sessions: int = Field(10_000, ge=1, description="In-process store: sessions kept (least recently used go).")
+    lease_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a continuation holds its session without renewing; renewed while it runs, so a "
+        "replica that dies frees its sessions within about this long.",
+    )
     max_prompt_chars: int = Field(100_000, ge=1, description="Longest accepted prompt (or /score text), in chars.")
     max_tokens_limit: int = Field(10_000, ge=1, description="Largest accepted max_tokens.")
     max_batch: int = Field(128, ge=1, description="Generations advanced together in one step, per model.")

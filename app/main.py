@@ -36,8 +36,9 @@ def make_store(settings: Settings) -> SessionStore:
     if settings.redis_url:
         from app.sessions.redis_store import RedisStore
 
-        return MeteredStore(RedisStore(settings.redis_url, cluster=settings.redis_cluster))
-    return MeteredStore(InMemoryStore(settings.max_sessions))
+        redis = RedisStore(settings.redis_url, cluster=settings.redis_cluster, lease_seconds=settings.lease_seconds)
+        return MeteredStore(redis)
+    return MeteredStore(InMemoryStore(settings.max_sessions, lease_seconds=settings.lease_seconds))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -53,9 +54,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = make_store(settings)
         engine = Engine(settings.engine_config(), compute)
         await engine.start(registry.models)
-        rate = (
-            RateLimiter(settings.rate_limit_per_minute, settings.redis_url) if settings.rate_limit_per_minute else None
-        )
+        rate = None
+        if settings.rate_limit_per_minute:
+            rate = RateLimiter(settings.rate_limit_per_minute, settings.redis_url, cluster=settings.redis_cluster)
         limiter = KeyLimiter(settings.max_running_per_key)
         app.state.services = Services(settings, registry, engine, store, limiter, rate)
         log.info("serving %d model(s), default %s, sessions %s", len(registry), registry.default, store.kind)

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from app.checkpoint import Checkpoint
 from app.engine.sequence import GenerationRequest
+from app.errors import RnnserveError
 from app.nn import State
+from app.sessions.lease import Lease
 from app.sessions.record import SessionRecord
 
 
@@ -21,5 +23,10 @@ class Job:
     owner: str
     ttl: int
     session: SessionRecord | None = None  # the session being continued
-    lease: str = ""  # our lease on it
+    lease: Lease | None = None  # our lease on it, renewed until it is committed or released
     state: State | None = None  # the continued session's state
+
+    @property
+    def lost(self) -> RnnserveError | None:
+        """Why the continued session is no longer ours (its lease ran out and was taken), if it is not."""
+        return self.lease.lost if self.lease is not None else None

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from redis import asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from app.errors import OverloadedError
@@ -25,12 +26,13 @@ return n
 class RateLimiter:
     """At most `per_minute` requests per caller and minute; 429 with Retry-After beyond."""
 
-    def __init__(self, per_minute: int, redis_url: str | None = None) -> None:
+    def __init__(self, per_minute: int, redis_url: str | None = None, cluster: bool = False) -> None:
         self.per_minute = per_minute
         self.counts: dict[tuple[str, int], int] = {}
-        self.client: Any = (
-            aioredis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1) if redis_url else None
-        )
+        self.client: Any = None
+        if redis_url:
+            client_class: Any = RedisCluster if cluster else aioredis.Redis
+            self.client = client_class.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
         self._incr = self.client.register_script(INCR) if self.client is not None else None
 
     async def hit(self, caller: str) -> None:

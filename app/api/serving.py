@@ -32,6 +32,7 @@ from app.engine.sampling import SamplingParams
 from app.engine.sequence import GenerationRequest, GenerationResult
 from app.engine.stream import Stream
 from app.errors import InvalidRequestError, RnnserveError, UnavailableError
+from app.sessions.lease import Lease
 from app.sessions.record import generator_tensor
 
 if TYPE_CHECKING:
@@ -109,13 +110,15 @@ async def prepare(req: GenerateRequest, svc: Services, owner: str) -> Job:
     record = await sessions.load(svc, req.session_id, owner, req.model)
     ckpt = svc.registry.get(record.model)
     prompt_ids = ckpt.vocab.encode(req.prompt, req.unknown_chars, param="prompt")
-    lease = secrets.token_hex(16)
+    token = secrets.token_hex(16)
     try:
-        record = await svc.store.acquire(record.session_id, lease)
+        record = await svc.store.acquire(record.session_id, token)
     except UnavailableError:
         # the store may have granted the lease before the reply was lost: give it back once it answers
-        background(sessions.release_when_back(svc, record.session_id, lease))
+        background(sessions.release_when_back(svc, record.session_id, token))
         raise
+    lease = Lease(svc.store, record.session_id, token)
+    lease.start()
     try:
         sessions.check_model(record, ckpt)
         state = sessions.state_of(record, ckpt)
@@ -125,7 +128,8 @@ async def prepare(req: GenerateRequest, svc: Services, owner: str) -> Job:
         if req.seed is None:
             request = replace(request, generator_state=generator_tensor(record.generator_state))
     except BaseException:
-        await svc.store.release(record.session_id, lease)
+        lease.stop()
+        await svc.store.release(record.session_id, token)
         raise
     return Job(ckpt, request, ckpt.vocab.decode(prompt_ids), req.save_session, owner, ttl, record, lease, state)
 
@@ -143,9 +147,14 @@ def make_request(req: GenerateRequest, ids: list[int], seed: int) -> GenerationR
 
 async def finish(job: Job, result: GenerationResult, svc: Services) -> GenerateResponse:
     """Save (or release) the session, then build the response."""
+    if job.lost is not None:
+        raise job.lost
     vocab = job.ckpt.vocab
     text = vocab.decode(result.ids)
-    session = await sessions.save(job, result, svc)
+    try:
+        session = await sessions.save(job, result, svc)
+    finally:
+        sessions.stop_renewing(job)
     logprobs = None
     if job.request.logprobs:
         logprobs = [
@@ -202,6 +211,8 @@ async def start_stream(req: GenerateRequest, svc: Services, owner: str) -> tuple
         await sessions.abandon(job, svc)
         raise
     stream.when_done(lambda: svc.limiter.release(owner))
+    if job.lease is not None:
+        job.lease.on_lost = stream.abort  # a generation that lost its session stops at the next step
     return job, stream
 
 

@@ -15,7 +15,7 @@ from app.engine.stream import Stream
 from app.errors import ConflictError, RnnserveError, UnavailableError
 from app.nn import State
 from app.sessions.record import TAIL_CHARS, SessionRecord, decode_state, encode_state, generator_bytes
-from app.sessions.store import LEASE_SECONDS, gone
+from app.sessions.store import gone
 
 if TYPE_CHECKING:
     from app.api.deps import Services
@@ -84,14 +84,15 @@ async def save(job: Job, result: GenerationResult, svc: Services) -> SessionReco
         expires_at=now + job.ttl,
         version=prev.version + 1 if prev else 1,
     )
-    if prev is None:
+    if job.lease is None:  # a new session
         await svc.store.create(record)
-    else:
-        try:
-            await svc.store.commit(record, job.lease)
-        except UnavailableError:
-            background(release_when_back(svc, prev.session_id, job.lease))
-            raise
+        return record
+    job.lease.stop()
+    try:
+        await svc.store.commit(record, job.lease.token)
+    except UnavailableError:
+        background(release_when_back(svc, job.lease.session_id, job.lease.token))
+        raise
     return record
 
 
@@ -101,21 +102,28 @@ async def abandon(job: Job, svc: Services) -> None:
     If the store is down, the release is retried in the background until it answers, so the
     session is not left locked for the rest of its lease when the store comes back.
     """
-    if job.session is not None:
+    if job.lease is not None:
+        job.lease.stop()
         try:
-            await svc.store.release(job.session.session_id, job.lease)
+            await svc.store.release(job.lease.session_id, job.lease.token)
         except UnavailableError:
-            background(release_when_back(svc, job.session.session_id, job.lease))
+            background(release_when_back(svc, job.lease.session_id, job.lease.token))
         except RnnserveError as e:
-            log.warning("could not release session %s: %s", job.session.session_id, e.message)
+            log.warning("could not release session %s: %s", job.lease.session_id, e.message)
 
 
-async def release_when_back(svc: Services, session_id: str, lease: str, every: float = 0.2) -> None:
-    deadline = time.monotonic() + LEASE_SECONDS
+def stop_renewing(job: Job) -> None:
+    """However the job ended: a lease that is no longer renewed runs out by itself."""
+    if job.lease is not None:
+        job.lease.stop()
+
+
+async def release_when_back(svc: Services, session_id: str, token: str, every: float = 0.2) -> None:
+    deadline = time.monotonic() + svc.store.lease_seconds  # after that the lease has run out anyway
     while time.monotonic() < deadline:
         await asyncio.sleep(every)
         try:
-            await svc.store.release(session_id, lease)
+            await svc.store.release(session_id, token)
             return
         except UnavailableError:
             continue
@@ -123,12 +131,14 @@ async def release_when_back(svc: Services, session_id: str, lease: str, every: f
 
 async def save_abandoned(job: Job, stream: Stream, svc: Services, handed_out: int) -> None:
     """After the client went away: save the session as of the last of the `handed_out` characters."""
-    await stream.ended()
-    result = await stream.result_after(handed_out) if job.save else None
-    if result is None:
-        await abandon(job, svc)
-        return
     try:
+        await stream.ended()
+        result = await stream.result_after(handed_out) if job.save and job.lost is None else None
+        if result is None:
+            await abandon(job, svc)
+            return
         await save(job, result, svc)
     except RnnserveError as e:
         log.warning("could not save the session of an abandoned stream: %s", e.message)
+    finally:
+        stop_renewing(job)

@@ -10,7 +10,7 @@ from redis.exceptions import ConnectionError, RedisError
 
 from app.errors import ConflictError, UnavailableError
 from app.sessions.record import SessionRecord
-from app.sessions.store import LEASE_SECONDS, SessionStore, busy, gone
+from app.sessions.store import SessionStore, busy, gone, lost
 
 PREFIX = "rnnserve:session:"
 
@@ -24,6 +24,17 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if h[2] and h[2] ~= '' and h[2] ~= ARGV[1] and tonumber(h[3] or '0') > now then return {-1} end
 redis.call('HSET', KEYS[1], 'lease', ARGV[1], 'lease_until', now + tonumber(ARGV[2]))
 return {1, h[1]}
+"""
+
+# KEYS[1] session; ARGV token, lease ms. Returns 1 renewed | 0 missing | -1 not leased to this token.
+RENEW = """
+local lease = redis.call('HGET', KEYS[1], 'lease')
+if not lease then return 0 end
+if lease ~= ARGV[1] then return -1 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2]))
+return 1
 """
 
 # KEYS[1]; ARGV token, expected version, new version, data, ttl ms. Returns 1 | 0 missing | -1 conflict.
@@ -69,7 +80,8 @@ class RedisStore(SessionStore):
 
     kind = "redis"
 
-    def __init__(self, url: str, cluster: bool = False, timeout: float = 2.0) -> None:
+    def __init__(self, url: str, cluster: bool = False, timeout: float = 2.0, lease_seconds: float = 10.0) -> None:
+        self.lease_seconds = lease_seconds
         options: dict[str, Any] = {
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
@@ -81,6 +93,7 @@ class RedisStore(SessionStore):
             RedisCluster.from_url(url, **options) if cluster else aioredis.from_url(url, max_connections=256, **options)
         )
         self._acquire = self.client.register_script(ACQUIRE)
+        self._renew = self.client.register_script(RENEW)
         self._commit = self.client.register_script(COMMIT)
         self._create = self.client.register_script(CREATE)
         self._release = self.client.register_script(RELEASE)
@@ -102,12 +115,23 @@ class RedisStore(SessionStore):
             raise ConflictError(f"session {record.session_id} already exists", param="session_id")
 
     async def acquire(self, session_id: str, token: str) -> SessionRecord:
-        out = await self._call(self._acquire, keys=[PREFIX + session_id], args=[token, int(LEASE_SECONDS * 1000)])
+        out = await self._call(self._acquire, keys=[PREFIX + session_id], args=[token, self._lease_ms])
         if out[0] == 0:
             raise gone(session_id)
         if out[0] == -1:
             raise busy(session_id)
         return parse(session_id, out[1])
+
+    async def renew(self, session_id: str, token: str) -> None:
+        out = await self._call(self._renew, keys=[PREFIX + session_id], args=[token, self._lease_ms])
+        if out == 0:
+            raise gone(session_id)
+        if out == -1:
+            raise lost(session_id)
+
+    @property
+    def _lease_ms(self) -> int:
+        return max(1, int(self.lease_seconds * 1000))
 
     async def commit(self, record: SessionRecord, token: str) -> None:
         key = PREFIX + record.session_id

@@ -14,12 +14,16 @@ from app.errors import ConflictError, NotFoundError, UnavailableError
 from app.sessions.record import SessionRecord
 
 T = TypeVar("T")
-LEASE_SECONDS = 600.0  # a continuation holds its session at most this long (a crashed replica's lease expires)
 
 
 def busy(session_id: str) -> ConflictError:
     return ConflictError(f"session {session_id} is being continued by another request; retry when it is done",
                          param="session_id")  # fmt: skip
+
+
+def lost(session_id: str) -> ConflictError:
+    return ConflictError(f"session {session_id} was taken by another request after this one's lease ran out; "
+                         "this generation was stopped and not saved", param="session_id")  # fmt: skip
 
 
 def gone(session_id: str) -> NotFoundError:
@@ -29,12 +33,16 @@ def gone(session_id: str) -> NotFoundError:
 class SessionStore(ABC):
     """Every operation touches one session's single key, so a sharded store needs no coordination.
 
-    A continuation `acquire`s a session (a lease with a random token), then `commit`s the new
-    record (compare-and-set on the version and the token) or `release`s it: two concurrent
-    continuations cannot both succeed, and no update is lost.
+    A continuation `acquire`s a session (a lease of `lease_seconds` with a random token), `renew`s
+    the lease while it runs, then `commit`s the new record (compare-and-set on the version and the
+    token) or `release`s it: two concurrent continuations cannot both succeed, and no update is
+    lost. A lease that is not renewed expires, so the session of a holder that died is free again
+    after one lease, at its last committed state; a holder whose lease expired and was taken learns
+    it from `renew`, and its `commit` is refused.
     """
 
     kind = "abstract"
+    lease_seconds = 10.0
 
     @abstractmethod
     async def get(self, session_id: str) -> SessionRecord | None: ...
@@ -46,6 +54,11 @@ class SessionStore(ABC):
     @abstractmethod
     async def acquire(self, session_id: str, token: str) -> SessionRecord:
         """Lease the session to `token`; NotFoundError if missing, ConflictError if leased to another."""
+
+    @abstractmethod
+    async def renew(self, session_id: str, token: str) -> None:
+        """Extend `token`'s lease by `lease_seconds` from now; NotFoundError if missing, ConflictError if not leased
+        to `token` (it expired and was taken, or was ended)."""
 
     @abstractmethod
     async def commit(self, record: SessionRecord, token: str) -> None:
@@ -77,8 +90,9 @@ class InMemoryStore(SessionStore):
 
     kind = "in-process"
 
-    def __init__(self, max_sessions: int = 10_000) -> None:
+    def __init__(self, max_sessions: int = 10_000, lease_seconds: float = 10.0) -> None:
         self.max_sessions = max_sessions
+        self.lease_seconds = lease_seconds
         self.entries: OrderedDict[str, _Entry] = OrderedDict()
 
     def _live(self, session_id: str) -> _Entry | None:
@@ -109,8 +123,16 @@ class InMemoryStore(SessionStore):
         now = time.time()
         if entry.lease and entry.lease_until > now:
             raise busy(session_id)
-        entry.lease, entry.lease_until = token, now + LEASE_SECONDS
+        entry.lease, entry.lease_until = token, now + self.lease_seconds
         return entry.record
+
+    async def renew(self, session_id: str, token: str) -> None:
+        entry = self._live(session_id)
+        if entry is None:
+            raise gone(session_id)
+        if entry.lease != token:
+            raise lost(session_id)
+        entry.lease_until = time.time() + self.lease_seconds
 
     async def commit(self, record: SessionRecord, token: str) -> None:
         entry = self._live(record.session_id)
@@ -138,6 +160,7 @@ class MeteredStore(SessionStore):
     def __init__(self, inner: SessionStore) -> None:
         self.inner = inner
         self.kind = inner.kind
+        self.lease_seconds = inner.lease_seconds
 
     async def _count(self, coro: Awaitable[T]) -> T:
         try:
@@ -163,6 +186,9 @@ class MeteredStore(SessionStore):
 
     async def acquire(self, session_id: str, token: str) -> SessionRecord:
         return await self._count(self.inner.acquire(session_id, token))
+
+    async def renew(self, session_id: str, token: str) -> None:
+        await self._count(self.inner.renew(session_id, token))
 
     async def commit(self, record: SessionRecord, token: str) -> None:
         metrics.STATE_BYTES.observe(len(record.state) + len(record.generator_state))

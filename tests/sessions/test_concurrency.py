@@ -1,4 +1,4 @@
-"""32 concurrent continuations of one session over real sockets and Redis: no update is ever lost."""
+"""32 concurrent continuations of one session over real sockets, with Redis or a Redis Cluster: no update is lost."""
 
 from __future__ import annotations
 
@@ -7,17 +7,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 
 from app.config import Settings
 from app.sessions.record import TAIL_CHARS
 from tests.api.conftest import LiveServer, error_of
 from tests.conftest import RedisServer
+from tests.sessions.conftest import RedisClusterNodes
 
 CLIENTS = 32
 
 
-def test_32_concurrent_continuations(tiny_models_dir: Path, redis_server: RedisServer) -> None:
-    settings = Settings(models_dir=tiny_models_dir, default_model="tiny-gru", redis_url=redis_server.url)
+@pytest.mark.parametrize("cluster", [False, True], ids=["redis", "redis-cluster"])
+def test_32_concurrent_continuations(tiny_models_dir: Path, cluster: bool, request: pytest.FixtureRequest) -> None:
+    redis: RedisServer | RedisClusterNodes = request.getfixturevalue("redis_cluster" if cluster else "redis_server")
+    settings = Settings(
+        models_dir=tiny_models_dir, default_model="tiny-gru", redis_url=redis.url, redis_cluster=cluster
+    )
     with LiveServer(settings) as server, httpx.Client(base_url=server.url, timeout=60) as http:
         made = http.post("/generate", json={"prompt": "Speak.", "max_tokens": 10})
         sid, chars = made.json()["session_id"], made.json()["usage"]["session_chars"]

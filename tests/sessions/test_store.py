@@ -15,16 +15,19 @@ from app.sessions.redis_store import PREFIX, RedisStore
 from app.sessions.store import InMemoryStore, SessionStore
 from tests.sessions.conftest import STORES
 
-StoreFactory = Callable[[], SessionStore]
+StoreFactory = Callable[..., SessionStore]
 Body = Callable[[SessionStore], Awaitable[None]]
 
 
-@pytest.fixture(params=STORES)
+@pytest.fixture(params=[*STORES, "redis-cluster"])
 def make_store(request: pytest.FixtureRequest) -> StoreFactory:
     """A factory, called inside the test's event loop (a Redis client belongs to the loop it was made in)."""
     if request.param == "redis":
         url = request.getfixturevalue("redis_server").url
-        return lambda: RedisStore(url)
+        return lambda **options: RedisStore(url, **options)
+    if request.param == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster").url
+        return lambda **options: RedisStore(url, cluster=True, **options)
     return InMemoryStore
 
 
@@ -221,6 +224,67 @@ def test_release_with_a_wrong_token_keeps_the_lease(make_store: StoreFactory) ->
         assert await store.acquire(rec.session_id, "token-c") == rec
 
     run(make_store, body)
+
+
+def test_a_renewed_lease_outlasts_many_leases(make_store: StoreFactory) -> None:
+    async def body(store: SessionStore) -> None:
+        rec = record()
+        await store.create(rec)
+        await store.acquire(rec.session_id, "token-a")
+        start = time.monotonic()
+        while time.monotonic() - start < 3 * store.lease_seconds:
+            await asyncio.sleep(store.lease_seconds / 3)
+            await store.renew(rec.session_id, "token-a")
+            with pytest.raises(ConflictError):
+                await store.acquire(rec.session_id, "token-b")
+        v2 = next_version(rec)
+        await store.commit(v2, "token-a")
+        assert await store.get(rec.session_id) == v2
+
+    run(lambda: make_store(lease_seconds=1.0), body)
+
+
+def test_renew_by_another_token_or_of_a_missing_session_fails_and_keeps_the_lease(make_store: StoreFactory) -> None:
+    async def body(store: SessionStore) -> None:
+        rec = record()
+        await store.create(rec)
+        with pytest.raises(ConflictError):
+            await store.renew(rec.session_id, "token-a")  # not leased at all
+        await store.acquire(rec.session_id, "token-a")
+        with pytest.raises(ConflictError) as err:
+            await store.renew(rec.session_id, "token-b")
+        assert err.value.param == "session_id"
+        assert rec.session_id in err.value.message
+        with pytest.raises(NotFoundError):
+            await store.renew("sess-test-missing", "token-a")
+        with pytest.raises(ConflictError):
+            await store.acquire(rec.session_id, "token-c")
+        await store.renew(rec.session_id, "token-a")
+        await store.commit(next_version(rec), "token-a")
+        with pytest.raises(ConflictError):
+            await store.renew(rec.session_id, "token-a")  # a commit ends the lease
+
+    run(make_store, body)
+
+
+def test_a_lease_that_ran_out_is_taken_and_its_holder_can_neither_renew_nor_commit(make_store: StoreFactory) -> None:
+    async def body(store: SessionStore) -> None:
+        rec = record()
+        await store.create(rec)
+        await store.acquire(rec.session_id, "token-a")
+        await asyncio.sleep(store.lease_seconds * 1.2)
+        await store.renew(rec.session_id, "token-a")  # ran out, but nobody took it: still the holder's
+        await asyncio.sleep(store.lease_seconds * 1.2)
+        assert await store.acquire(rec.session_id, "token-b") == rec
+        with pytest.raises(ConflictError):
+            await store.renew(rec.session_id, "token-a")
+        with pytest.raises(ConflictError):
+            await store.commit(next_version(rec), "token-a")
+        theirs = next_version(rec).evolve(tail="theirs")
+        await store.commit(theirs, "token-b")
+        assert await store.get(rec.session_id) == theirs
+
+    run(lambda: make_store(lease_seconds=0.3), body)
 
 
 def test_delete(make_store: StoreFactory) -> None:
