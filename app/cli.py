@@ -182,7 +182,9 @@ def cmd_cluster(args: argparse.Namespace) -> None:
     from app import cluster
 
     workdir = Path(args.workdir) if args.workdir else None
-    raise SystemExit(cluster.serve(args.port, args.host, args.replicas, args.redis_port, args.lb, workdir))
+    raise SystemExit(
+        cluster.serve(args.port, args.host, args.replicas, args.redis_port, workdir, split_cpus=not args.no_cpu_split)
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -301,12 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--readme", help="replace the table between the loadtest markers of this README")
     lt.set_defaults(func=cmd_loadtest)
 
-    c = sub.add_parser("cluster", help="docker-compose.yml's topology as local processes")
+    c = sub.add_parser("cluster", help="docker-compose.yml's topology as supervised local processes (needs nginx)")
     c.add_argument("--host", default="127.0.0.1", help="the load balancer's address")
     c.add_argument("--port", type=int, default=8000, help="the load balancer's port")
     c.add_argument("--replicas", type=int, default=2)
     c.add_argument("--redis-port", type=int, help="default: a free port")
-    c.add_argument("--lb", choices=["auto", "nginx", "python"], default="auto", help="auto: nginx if installed")
+    c.add_argument(
+        "--no-cpu-split", action="store_true",
+        help="every replica on every core (default: cores of its own, or a share of the threads when too few)",
+    )  # fmt: skip
     c.add_argument("--workdir", help="keep Redis' files and the logs here (default: a temporary directory)")
     c.set_defaults(func=cmd_cluster)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -78,11 +77,29 @@ def test_upstream_is_the_api_service_on_8000(
     http: list[Directive], server: list[Directive], compose: dict[str, Any]
 ) -> None:
     upstream = find(http, "upstream", "api")["block"]
-    assert values(upstream, "server") == [["api:8000", "resolve"]]
+    [server_args] = values(upstream, "server")
+    assert server_args[:2] == ["api:8000", "resolve"]
     assert values(upstream, "zone")  # `resolve` needs the shared zone
     assert values(http, "resolver")[0][0] == "127.0.0.11"  # Docker's embedded DNS
     assert values(server, "listen") == [["8000"]]
     assert "8000:8000" in compose["services"]["lb"]["ports"]  # published as it listens
+
+
+def test_a_failed_replica_is_marked_down_briefly(http: list[Directive]) -> None:
+    [server_args] = values(find(http, "upstream", "api")["block"], "server")
+    params = dict(arg.split("=", 1) for arg in server_args[2:])
+    assert int(params["max_fails"]) >= 1
+    assert 1 <= seconds(params["fail_timeout"]) <= 30  # long enough to skip a dead one, short for one restarted
+
+
+def test_undelivered_requests_go_to_the_next_replica_and_nothing_is_resent(server: list[Directive]) -> None:
+    for path in ("/", "/ws/"):
+        location = find(server, "location", path)["block"]
+        [retry] = values(location, "proxy_next_upstream")
+        # connect errors and timeouts move on; a POST already sent never does (no non_idempotent), and
+        # no http_5xx: a replica's own answer is the client's answer
+        assert set(retry) == {"error", "timeout"}, path
+        assert seconds(values(location, "proxy_connect_timeout")[0][0]) <= 10, path
 
 
 def test_every_location_streams_unbuffered_with_long_timeouts(server: list[Directive]) -> None:
@@ -131,6 +148,10 @@ def test_rendered_for_local_processes(tmp_path: Path) -> None:
     http = find(parse(rendered), "http")["block"]
     upstream = find(http, "upstream", "api")["block"]
     assert [args[0] for args in values(upstream, "server")] == ["127.0.0.1:5001", "127.0.0.1:5002"]
+    # the file's failure marking is kept; `resolve` (fixed addresses here) is not
+    original = find(find(parse(NGINX_CONF), "http")["block"], "upstream", "api")["block"]
+    marking = [a for a in values(original, "server")[0][1:] if a != "resolve"]
+    assert all(args[1:] == marking for args in values(upstream, "server")) and marking
     server = find(http, "server")["block"]
     assert values(server, "listen") == [["127.0.0.1:9000"]]
     assert values(http, "access_log") == [[str(tmp_path / "logs" / "access.log"), "upstream"]]
@@ -142,20 +163,19 @@ def test_rendered_for_local_processes(tmp_path: Path) -> None:
 
 
 def test_render_refuses_a_changed_file(tmp_path: Path) -> None:
-    text = NGINX_CONF.read_text().replace("server api:8000 resolve;", "server backend:8000;")
+    text = NGINX_CONF.read_text().replace("server api:8000 ", "server backend:8000 ")
     with pytest.raises(ValueError, match="api:8000"):
         render_nginx_conf(text, "127.0.0.1:9000", [("127.0.0.1", 5001)], tmp_path, tmp_path)
 
 
-@pytest.mark.skipif(shutil.which("nginx") is None, reason="no nginx binary here (CI has none)")
-def test_nginx_accepts_the_rendered_file(tmp_path: Path) -> None:
+def test_nginx_accepts_the_rendered_file(tmp_path: Path, nginx: str) -> None:
     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp_path / "tmp" / kind).mkdir(parents=True)
     text = render_nginx_conf(
         NGINX_CONF.read_text(), "127.0.0.1:9000", [("127.0.0.1", 5001)], tmp_path, tmp_path / "tmp"
     )
     (tmp_path / "nginx.conf").write_text(text)
-    args = ["nginx", "-t", "-e", "stderr", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+    args = [nginx, "-t", "-e", "stderr", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
             "-g", f"pid {tmp_path / 'nginx.pid'};"]  # fmt: skip
     result = subprocess.run(args, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
