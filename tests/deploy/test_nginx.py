@@ -1,17 +1,25 @@
-"""deploy/nginx.conf: valid nginx, round robin over the replicas, SSE and WebSocket unbuffered, the body limit."""
+"""deploy/nginx.conf: valid nginx, round robin over the replicas, retries only of what no replica received,
+SSE and WebSocket unbuffered, the body limit."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import shutil
 import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import crossplane
+import httpx
 import pytest
 
-from app.cluster import NGINX_CONF, render_nginx_conf
+from app.cluster import NGINX_CONF, accepts, free_ports, nginx_child, render_nginx_conf, wait_until
 from app.config import Settings
 
 Directive = dict[str, Any]
@@ -179,3 +187,68 @@ def test_nginx_accepts_the_rendered_file(tmp_path: Path, nginx: str) -> None:
             "-g", f"pid {tmp_path / 'nginx.pid'};"]  # fmt: skip
     result = subprocess.run(args, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
+
+
+class Counting(BaseHTTPRequestHandler):
+    """Answers every POST with 200 and counts them; `swallow` servers read the request and hang up instead."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        server: Any = self.server
+        server.received += 1
+        if server.swallow:
+            self.close_connection = True  # a replica that died after the request reached it
+            return
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def backend(swallow: bool = False) -> Iterator[Any]:
+    with ThreadingHTTPServer(("127.0.0.1", 0), Counting) as server:
+        server.received, server.swallow = 0, swallow  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield server
+        finally:
+            server.shutdown()
+
+
+@contextlib.contextmanager
+def running_nginx(backends: list[tuple[str, int]], tmp_path: Path) -> Iterator[str]:
+    port = free_ports(1)[0]
+    temp = Path(tempfile.mkdtemp(prefix="rnnserve-nginx-test-"))
+    child = nginx_child("127.0.0.1", port, backends, tmp_path / "nginx", temp)
+    try:
+        wait_until(lambda: accepts("127.0.0.1", port), child, "nginx", 30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        child.stop()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_nginx_sends_a_refused_request_to_the_next_replica(tmp_path: Path, nginx: str) -> None:
+    dead = free_ports(1)[0]
+    with (
+        backend() as live,
+        running_nginx([("127.0.0.1", dead), ("127.0.0.1", live.server_address[1])], tmp_path) as url,
+    ):
+        statuses = [httpx.post(f"{url}/generate", json={"n": i}, trust_env=False).status_code for i in range(6)]
+    assert statuses == [200] * 6 and live.received == 6
+
+
+def test_nginx_never_resends_a_request_a_replica_received(tmp_path: Path, nginx: str) -> None:
+    with backend(swallow=True) as dying, backend() as live:
+        backends = [("127.0.0.1", dying.server_address[1]), ("127.0.0.1", live.server_address[1])]
+        with running_nginx(backends, tmp_path) as url:
+            statuses = [httpx.post(f"{url}/generate", json={"n": i}, trust_env=False).status_code for i in range(6)]
+    # the hung-up request is the client's 502, and it reached one replica only
+    assert statuses.count(502) == dying.received >= 1
+    assert statuses.count(200) == live.received and dying.received + live.received == 6
