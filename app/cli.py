@@ -170,7 +170,7 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
         models_dir=Path(args.models_dir), model=args.model, seconds=args.seconds, clients=args.clients,
         storm_streams=args.storm_streams, storm_wave=args.storm_wave, contention_clients=args.contention_clients,
         contention_sessions=args.contention_sessions, max_tokens=args.max_tokens, deadline=args.deadline,
-        scenarios=tuple(s for s in args.scenarios.split(",") if s),
+        sessions_deadline=args.sessions_deadline, scenarios=tuple(s for s in args.scenarios.split(",") if s),
     )  # fmt: skip
     report, passed = loadtest.run(cfg, Path(args.out) if args.out else None, Path(args.readme) if args.readme else None)
     print(report)
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="fewer characters per measurement")
     b.set_defaults(func=cmd_bench)
 
-    lt = sub.add_parser("loadtest", help="fault and load scenarios against a server and Redis of its own")
+    lt = sub.add_parser("loadtest", help="fault and load scenarios against servers, a cluster and Redis of their own")
     lt.add_argument("--models-dir", default="models")
     lt.add_argument("--model", default="shakespeare-lstm")
     lt.add_argument("--seconds", type=float, default=20.0, help="per scenario (the storm is sized by its streams)")
@@ -298,7 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--contention-sessions", type=int, default=4)
     lt.add_argument("--max-tokens", type=int, default=24, help="characters per generation")
     lt.add_argument("--deadline", type=float, default=30.0, help="seconds after which a request counts as hung")
-    lt.add_argument("--scenarios", default="steady,storm,redis,contention")
+    lt.add_argument(
+        "--sessions-deadline", type=float, default=60.0,
+        help="replica: seconds after the kill by which the sessions it was continuing must be usable again",
+    )  # fmt: skip
+    lt.add_argument("--scenarios", default="steady,storm,redis,contention,replica,redis-cluster")
     lt.add_argument("--out", help="also write the figures as JSON here")
     lt.add_argument("--readme", help="replace the table between the loadtest markers of this README")
     lt.set_defaults(func=cmd_loadtest)
