@@ -160,7 +160,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     models = [m for m in args.models.split(",") if m]
     out = Path(args.out) if args.out else None
     readme = Path(args.readme) if args.readme else None
-    print(bench.run(models, Path(args.models_dir), out, readme, args.quick))
+    parts = tuple(args.only.split(",")) if args.only else bench.PARTS
+    print(bench.run(models, Path(args.models_dir), out, readme, args.quick, parts=parts))
 
 
 def cmd_loadtest(args: argparse.Namespace) -> None:
@@ -279,12 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", default="docs/loss_curves.png")
     r.set_defaults(func=cmd_report)
 
-    b = sub.add_parser("bench", help="benchmark the server against the naive baseline (over HTTP)")
+    b = sub.add_parser("bench", help="benchmark the server against the naive baseline, and as deployed (over HTTP)")
     b.add_argument("--models", default="shakespeare-lstm,shakespeare-gru,shakespeare-rnn")
     b.add_argument("--models-dir", default="models")
     b.add_argument("--out", help="also write the figures as JSON here")
     b.add_argument("--readme", help="replace the table between the bench markers of this README")
     b.add_argument("--quick", action="store_true", help="fewer characters per measurement")
+    b.add_argument(
+        "--only", choices=["engine", "deployment"],
+        help="engine: rnnserve against the naive baseline, per model; deployment: `rnnserve cluster` (2 replicas, "
+        "nginx) against one process, and one process beside a busy core, on the first model (a few minutes)",
+    )  # fmt: skip
     b.set_defaults(func=cmd_bench)
 
     lt = sub.add_parser("loadtest", help="fault and load scenarios against servers, a cluster and Redis of their own")
