@@ -21,6 +21,7 @@ import pytest
 
 from app.cluster import NGINX_CONF, accepts, free_ports, nginx_child, render_nginx_conf, wait_until
 from app.config import Settings
+from tests.deploy.conftest import require_nginx
 
 Directive = dict[str, Any]
 
@@ -252,3 +253,14 @@ def test_nginx_never_resends_a_request_a_replica_received(tmp_path: Path, nginx:
     # the hung-up request is the client's 502, and it reached one replica only
     assert statuses.count(502) == dying.received >= 1
     assert statuses.count(200) == live.received and dying.received + live.received == 6
+
+
+def test_missing_nginx_skips_with_the_install_command_except_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(shutil, "which", lambda *args, **kwargs: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install nginx"):
+        require_nginx()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="apt-get install nginx"):
+        require_nginx()
