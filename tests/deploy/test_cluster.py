@@ -208,6 +208,24 @@ def test_each_replica_runs_on_its_share(cluster: Cluster) -> None:
             assert (child.env or {})["RNNSERVE_TORCH_THREADS"] == "1"  # tiny_env's, kept over the budget
 
 
+def test_a_killed_redis_is_restarted_with_its_sessions(cluster: Cluster) -> None:
+    session = post(cluster.url, prompt=PROMPT, max_tokens=5)["session_id"]
+    time.sleep(1.5)  # appendfsync everysec: on disk within a second
+    redis_child = cluster.child("redis")
+    old_pid = redis_child.proc.pid
+    os.kill(old_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:  # the replicas reconnect by themselves: 503 until then
+        response = httpx.get(f"{cluster.url}/sessions/{session}", timeout=30, trust_env=False)
+        if response.status_code == 200:
+            break
+        assert response.status_code == 503 and time.monotonic() < deadline, response.text
+        time.sleep(0.2)
+    assert response.json()["chars"] == len(PROMPT) + 5
+    assert redis_child.proc.pid != old_pid and redis_child.restarts == 1
+    assert any(e.startswith("redis exited with -9") for e in cluster.events), cluster.events
+
+
 def test_a_replica_killed_under_load_is_restarted_while_nginx_answers(cluster: Cluster) -> None:
     """kill -9 of one replica under a light steady load: nginx answers at least 99% of the requests of
     the outage with 200 (only those the dead replica had received may fail), the replica is back on
