@@ -13,6 +13,7 @@ from app.cli import build_parser, main
 from app.config import Settings
 from app.loadtest import SCENARIOS, Booked
 from tests.api.conftest import write_tiny_models
+from tests.deploy.conftest import require_nginx
 
 LEASE = 2  # seconds: a dead replica's sessions are free again soon
 README = "# x\n\n## Operations\n\n### Fault and load\n\n<!-- loadtest:start -->\nold\n<!-- loadtest:end -->\n"
@@ -21,6 +22,7 @@ README = "# x\n\n## Operations\n\n### Fault and load\n\n<!-- loadtest:start -->\
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One short `rnnserve loadtest` (3 s per scenario, few clients): its exit code, output, JSON and README."""
+    require_nginx()  # the replica scenario runs `rnnserve cluster`
     tmp = tmp_path_factory.mktemp("loadtest")
     write_tiny_models(tmp / "models")
     (tmp / "README.md").write_text(README)
