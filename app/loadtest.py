@@ -712,7 +712,7 @@ async def replica_fault(load: Load, cfg: Config, cluster: Cluster) -> None:
     victim, address = cluster.replicas[0], cluster.replica_urls[0]
     start = time.monotonic()
     done: list[Timed] = []
-    killed, back = 0.0, 0.0  # monotonic times; back stays 0 until the replica answers again
+    killed, back = float("inf"), 0.0  # monotonic times; back stays 0 until the replica answers again
     # requests of the fault itself (aimed at the replica, or probing its sessions) are not the load's
     aside = Load(load.client, address, load.model, load.deadline)
 
@@ -760,14 +760,14 @@ async def replica_fault(load: Load, cfg: Config, cluster: Cluster) -> None:
                         usage = reply.body["usage"]
                         t.sessions[sid].expected += usage["prompt_chars"] + usage["completion_chars"]
                         waiting.discard(sid)
+                if not waiting:
+                    t.notes["sessions_freed_s"] = round(time.monotonic() - killed, 2)
+                    return
                 await asyncio.sleep(0.5)
-            if not waiting:
-                t.notes["sessions_freed_s"] = round(time.monotonic() - killed, 2)
 
         aside.url = load.url  # the held sessions are continued again through nginx, on any replica
         await asyncio.gather(answers(), freed())
 
-    killed = float("inf")
     await asyncio.gather(fault(), *(session_client(load, cfg, c, done, running) for c in range(cfg.clients)))
     t.notes.setdefault("replica_back_s", None)
     t.notes.setdefault("sessions_freed_s", None)
