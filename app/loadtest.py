@@ -15,9 +15,10 @@ that killing it loses no acknowledged write) serve the first four scenarios in t
 and two more their own deployments:
 
 - replica: `rnnserve cluster --replicas 2` under steady load with sessions, through nginx; a replica
-  is killed -9 while it streams continuations of a few sessions. Counted: the requests that failed, by
-  kind, while it was down (at least 99% must be answered), the seconds until the sessions it was
-  continuing can be continued again (their lease ran out), and until it answers again on its address;
+  is killed -9 while it streams continuations of a few sessions. Counted: the requests sent while it
+  was down that failed, by kind (at least 99% must be answered), those it had received when it died
+  (they fail: nginx never sends a request twice), the seconds until the sessions it was continuing
+  can be continued again (their lease ran out), and until it answers again on its address;
 - redis-cluster: one server on a local Redis Cluster (3 masters, 3 replicas) under load with
   sessions; a master is killed -9. Counted: the seconds until its replica took over and until every
   session is served again; requests without a session never fail. An update the dead master
@@ -638,13 +639,19 @@ class Timed:
 
 
 def window_figures(t: Tally, done: list[Timed], start: float, end: float) -> float:
-    """Notes the requests in flight at any time in [start, end] and those that failed, by kind; returns
-    the share answered."""
-    window = [r for r in done if r.answered >= start and r.sent <= end]
-    ok = sum(r.reply.ok for r in window)
-    failed = Counter(f"{r.op} {r.reply.status or 'broken'}" for r in window if not r.reply.ok)
-    share = ok / len(window) if window else 1.0
-    t.notes.update(window_requests=len(window), window_answered=round(share, 4), failed_in_window=dict(failed))
+    """Notes the requests sent in [start, end] and those of them that failed, by kind, and apart from
+    them the requests already in flight at `start` (the fault) that failed; returns the share of the
+    former answered."""
+    sent = [r for r in done if start <= r.sent <= end]
+    in_flight = [r for r in done if r.sent < start <= r.answered]
+    share = sum(r.reply.ok for r in sent) / len(sent) if sent else 1.0
+    t.notes.update(
+        window_requests=len(sent),
+        window_answered=round(share, 4),
+        failed_in_window=dict(Counter(f"{r.op} {r.reply.status or 'broken'}" for r in sent if not r.reply.ok)),
+        in_flight_at_fault=len(in_flight),
+        in_flight_failed=dict(Counter(f"{r.op} {r.reply.status or 'broken'}" for r in in_flight if not r.reply.ok)),
+    )
     return share
 
 
@@ -775,7 +782,7 @@ async def replica_fault(load: Load, cfg: Config, cluster: Cluster) -> None:
     share = window_figures(t, done, killed, back or time.monotonic())
     await load.check_sessions()
     if share < 0.99:
-        t.failures.append(f"{share:.1%} of the requests while the replica was down answered (< 99%)")
+        t.failures.append(f"{share:.1%} of the requests sent while the replica was down answered (< 99%)")
     if not back:
         t.failures.append(f"{victim.name} did not answer on {address} within 60 s of its kill")
     if t.notes["sessions_held"] and t.notes["sessions_freed_s"] is None:
@@ -934,15 +941,18 @@ def details(tallies: list[Tally]) -> str:
                 f"- replica: one of 2 replicas killed -9 at {n['killed_at_s']} s while it streamed "
                 f"{n['sessions_held']} sessions' continuations; it answered again on its address "
                 f"{n['replica_back_s']} s later; those sessions could be continued again after "
-                f"{n['sessions_freed_s']} s; of the {n['window_requests']} requests through nginx meanwhile "
-                f"{n['window_answered']:.1%} were answered; failed: {failed(n)}"
+                f"{n['sessions_freed_s']} s; of the {n['window_requests']} requests sent through nginx meanwhile "
+                f"{n['window_answered']:.1%} were answered (failed: {failed(n, 'failed_in_window')}); of the "
+                f"{n['in_flight_at_fault']} in flight at the kill, those the dead replica had received failed "
+                f"({failed(n, 'in_flight_failed')}): nginx does not send a request twice"
             )
         elif t.name == "redis-cluster" and "killed_at_s" in n:
             out.append(
                 f"- redis-cluster: a master of 3 (each with a replica) killed -9 at {n['killed_at_s']} s; its "
                 f"replica took over {n['failover_s']} s later; every session served again after "
                 f"{n['sessions_served_s']} s; requests without a session failed {n['stateless_failed']} times; "
-                f"failed meanwhile: {failed(n)}; sessions that lost an acknowledged update: {len(t.lost)}"
+                f"failed meanwhile: {failed(n, 'failed_in_window')}; "
+                f"sessions that lost an acknowledged update: {len(t.lost)}"
             )
         late = n.get("503_after_restart_s")
         if late:
@@ -953,8 +963,8 @@ def details(tallies: list[Tally]) -> str:
     return "\n".join(out)
 
 
-def failed(notes: dict[str, Any]) -> str:
-    return ", ".join(f"{kind} x{n}" for kind, n in sorted(notes["failed_in_window"].items())) or "none"
+def failed(notes: dict[str, Any], key: str) -> str:
+    return ", ".join(f"{kind} x{n}" for kind, n in sorted(notes[key].items())) or "none"
 
 
 def run(cfg: Config, out: Path | None = None, readme: Path | None = None) -> tuple[str, bool]:

@@ -227,10 +227,10 @@ def test_a_killed_redis_is_restarted_with_its_sessions(cluster: Cluster) -> None
 
 
 def test_a_replica_killed_under_load_is_restarted_while_nginx_answers(cluster: Cluster) -> None:
-    """kill -9 of one replica under a light steady load: nginx answers at least 99% of the requests of
-    the outage with 200 (only those the dead replica had received may fail), the replica is back on
-    its address within 60 s, and the cluster keeps running. The window runs from the kill until the
-    replica is back and at least 200 requests were sent, so that one failure is half a percent."""
+    """kill -9 of one replica under a light steady load: nginx answers at least 99% of the requests sent
+    while it is down with 200 (the window runs from the kill until the replica is back and at least
+    100 requests were sent), of those in flight at the kill only the ones the dead replica had
+    received fail, the replica is back on its address within 60 s, and the cluster keeps running."""
     victim, address = cluster.replicas[0], cluster.replica_urls[0]
     old_pid = victim.proc.pid
     done: list[tuple[float, float, int]] = []  # (sent, answered, status; 0: no HTTP answer)
@@ -271,7 +271,7 @@ def test_a_replica_killed_under_load_is_restarted_while_nginx_answers(cluster: C
             assert time.monotonic() - killed < 60, f"replica not back on {address}: {cluster.events}"
             time.sleep(0.2)
         back = time.monotonic() - killed
-        while sum(sent >= killed for sent, _, _ in done) < 200:
+        while sum(sent >= killed for sent, _, _ in done) < 100:
             assert time.monotonic() < killed + 300, "too few requests after the kill"
             time.sleep(0.1)
         end = time.monotonic()
@@ -279,9 +279,11 @@ def test_a_replica_killed_under_load_is_restarted_while_nginx_answers(cluster: C
         stop.set()
         for t in clients:
             t.join(timeout=70)
-    window = [status for sent, answered, status in done if answered >= killed and sent <= end]
+    window = [status for sent, _, status in done if killed <= sent <= end]
     ok = sum(status == 200 for status in window)
     assert ok >= 0.99 * len(window), (f"{ok}/{len(window)} answered 200", sorted(set(window)))
+    in_flight = [status for sent, answered, status in done if sent < killed <= answered]
+    assert sum(status != 200 for status in in_flight) <= len(clients)  # each client had one request out
     assert back < 60 and victim.proc.pid != old_pid and victim.restarts == 1
     assert any(e.startswith("api-1 exited with -9") for e in cluster.events), cluster.events
     assert cluster.dead() == []
