@@ -1,4 +1,5 @@
-"""`rnnserve bench`: the batched engine against the naive baseline, over HTTP, side by side in one run."""
+"""`rnnserve bench`: the batched engine against the naive baseline, and the deployed topologies against one
+process, over HTTP, side by side in one run."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ HISTORIES = (100, 100_000)
 # the deployment section's topologies, at these numbers of concurrent streams
 ONE, CLUSTER, BUSY = "one process", "rnnserve cluster --replicas 2", "one process, one core busy"
 DEPLOYMENT_STREAMS = (32, 128)
+PARTS = ("engine", "deployment")  # what `run` measures: `--only` picks one
 PROMPT_CHARS = 100  # of each stream of the single-stream and concurrency runs
 FALLBACK_TEXT = (
     "Tomorrow, and tomorrow, and tomorrow,\nCreeps in this petty pace from day to day,\n"
@@ -346,9 +348,6 @@ def _value(r: Result, attribute: str, key: Any) -> Any:
 
 def _cell(value: float | tuple[float, float]) -> str:
     return f"{value[0]:,.0f} / {value[1]:,.0f}" if isinstance(value, tuple) else f"{value:,.0f}"
-
-
-PARTS = ("engine", "deployment")
 
 
 def run(
