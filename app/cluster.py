@@ -263,8 +263,8 @@ class Cluster:
     temp: Path | None = None  # nginx's temp files
     events: list[str] = field(default_factory=list)  # every exit and restart, as logged
     log: Callable[[str], None] = say
-    _stopping: threading.Event = field(default_factory=threading.Event)
-    _supervisor: threading.Thread | None = None
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False)
+    _supervisor: threading.Thread | None = field(default=None, init=False)
 
     def child(self, name: str) -> Child:
         return next(c for c in self.children if c.name == name)
