@@ -1,8 +1,10 @@
-"""`rnnserve bench`: the batched engine against the naive baseline, over HTTP, side by side in one run."""
+"""`rnnserve bench`: the batched engine against the naive baseline, and the deployed topologies against one
+process, over HTTP, side by side in one run."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -11,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ import httpx
 import torch
 
 from app.checkpoint import Checkpoint, load_checkpoint
+from app.cluster import start_cluster
 from app.config import Settings
 from app.engine.config import Weights
 from app.engine.engine import Engine
@@ -28,7 +32,7 @@ from app.engine.sequence import GenerationRequest, GenerationResult
 from app.engine.stream import Stream
 from app.metrics import PHASES
 from app.nn import CharRNN
-from app.readme import write_section
+from app.readme import replace_section, write_section
 
 CONCURRENCY = (1, 8, 32, 128)
 # the servers measured, one after another, and their settings: the naive baseline, then rnnserve on
@@ -40,6 +44,10 @@ MODES = {
 }
 SERVED = {"batched": "fp32", "int8": "int8"}  # the modes that are rnnserve's engine, and their weights
 HISTORIES = (100, 100_000)
+# the deployment section's topologies, at these numbers of concurrent streams
+ONE, CLUSTER, BUSY = "one process", "rnnserve cluster --replicas 2", "one process, one core busy"
+DEPLOYMENT_STREAMS = (32, 128)
+PARTS = ("engine", "deployment")  # what `run` measures: `--only` picks one
 PROMPT_CHARS = 100  # of each stream of the single-stream and concurrency runs
 FALLBACK_TEXT = (
     "Tomorrow, and tomorrow, and tomorrow,\nCreeps in this petty pace from day to day,\n"
@@ -352,7 +360,11 @@ def run(
     quick: bool,
     concurrency: tuple[int, ...] = CONCURRENCY,
     histories: tuple[int, ...] = HISTORIES,
+    parts: tuple[str, ...] = PARTS,
+    deployment_streams: tuple[int, ...] = DEPLOYMENT_STREAMS,
 ) -> str:
+    """The engine against the naive baseline for each model (`engine`, the README's bench section)
+    and the deployed topologies on the first model (`deployment`, its deployment section)."""
     cfg: dict[str, Any] = (
         {"single": 300, "single_runs": 1, "per_stream": 100, "repeats": 3, "sequential": 5, "max_runs": 2}
         if quick
@@ -361,6 +373,31 @@ def run(
     cfg.update(concurrency=concurrency, histories=histories, min_seconds=5.0)
     test_split = Path("data/shakespeare/test.txt")
     history = test_split.read_text() if test_split.exists() else FALLBACK_TEXT
+    sections = {"engine": "bench", "deployment": "deployment"}
+    if readme is not None:  # before measuring for minutes: the sections to replace are there
+        for part in parts:
+            replace_section(readme.read_text(), sections[part], "")
+    reports: list[str] = []
+    data: dict[str, Any] = {}
+    if "engine" in parts:
+        report, data = engine(models, models_dir, history, cfg)
+        if readme is not None:
+            write_section(readme, sections["engine"], report)
+        reports.append(report)
+    if "deployment" in parts:
+        rows = deployment(models[0], models_dir, history[:PROMPT_CHARS], cfg, deployment_streams)
+        data["deployment"] = rows
+        report = deployment_table(rows, machine())
+        if readme is not None:
+            write_section(readme, sections["deployment"], report)
+        reports.append(report)
+    if out is not None:  # a part run alone keeps the other part's figures
+        kept = json.loads(out.read_text()) if out.exists() else {}
+        out.write_text(json.dumps(kept | data, indent=2) + "\n")
+    return "\n\n".join(reports)
+
+
+def engine(models: list[str], models_dir: Path, history: str, cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     servers = {
         mode: Server({**settings, "RNNSERVE_MODELS_DIR": str(models_dir), "RNNSERVE_MAX_QUEUE": "512"})
         for mode, settings in MODES.items()
@@ -382,11 +419,93 @@ def run(
             server.stop()
     report = f"Measured on {machine()}; ratios are rnnserve over the naive baseline (latency: naive over rnnserve).\n\n"
     report += table(results) + "\n\n" + reference_table(refs) + "\n\n" + phase_table(results)
-    if out is not None:
-        out.write_text(json.dumps({"http": [r.__dict__ for r in results], "reference": refs}, indent=2) + "\n")
-    if readme is not None:
-        write_section(readme, "bench", report)
-    return report
+    return report, {"http": [r.__dict__ for r in results], "reference": refs}
+
+
+# -- the deployment: replicas against one process, and one process beside a busy core ---------------
+
+
+def deployment(
+    model: str, models_dir: Path, prompt: str, cfg: dict[str, Any], streams: tuple[int, ...]
+) -> list[dict[str, Any]]:
+    """Aggregate chars/s of `streams` concurrent streams on one process with default settings, on the
+    compose topology (`rnnserve cluster`: 2 replicas behind nginx, Redis), and on the one process with
+    another process spinning on one of its cores; the three take turns run by run, so that each
+    ratio compares figures measured seconds apart."""
+    settings = {"RNNSERVE_MODELS_DIR": str(models_dir), "RNNSERVE_DEFAULT_MODEL": model, "RNNSERVE_MAX_QUEUE": "512"}
+    print("deployment ...", flush=True)
+    single = Server(settings)
+    try:
+        single.wait_ready()
+        with start_cluster(port=free_port(), env=settings) as cluster:
+            shares = "; ".join(share.describe() for share in cluster.shares)
+            urls = {ONE: single.url, CLUSTER: cluster.url, BUSY: single.url}
+            body = {"model": model, "prompt": prompt, "max_tokens": cfg["per_stream"], "save_session": False}
+            rows = asyncio.run(take_turns(urls, body, streams, cfg["max_runs"]))
+    finally:
+        single.stop()
+    for row in rows:
+        row.update(model=model, per_stream=cfg["per_stream"], replica_cpus=shares if row["topology"] == CLUSTER else "")
+    return rows
+
+
+async def take_turns(
+    urls: dict[str, str], body: dict[str, Any], streams: tuple[int, ...], runs: int
+) -> list[dict[str, Any]]:
+    for url in dict.fromkeys(urls.values()):  # warm-up: first-call costs, on both replicas
+        await asyncio.gather(*(stream_once(url, {**body, "max_tokens": 20, "seed": i}) for i in range(4)))
+    rows = []
+    for c in streams:
+        rates: dict[str, list[float]] = {name: [] for name in urls}
+        ttfc: dict[str, list[float]] = {name: [] for name in urls}
+        for _ in range(runs):
+            for name, url in urls.items():
+                with busy_core() if name == BUSY else contextlib.nullcontext():
+                    t0 = time.perf_counter()
+                    done = await asyncio.gather(*(stream_once(url, {**body, "seed": i}) for i in range(c)))
+                    rates[name].append(sum(r[2] for r in done) / (time.perf_counter() - t0))
+                ttfc[name] += [r[0] * 1000 for r in done]
+        one = statistics.median(rates[ONE])
+        for name in urls:
+            rate = statistics.median(rates[name])
+            rows.append({
+                "topology": name, "streams": c, "chars_per_s": rate, "vs_one_process": rate / one, "runs": runs,
+                "ttfc_ms": (percentile(ttfc[name], 0.5), percentile(ttfc[name], 0.99)),
+            })  # fmt: skip
+    return rows
+
+
+@contextlib.contextmanager
+def busy_core() -> Iterator[None]:
+    """Another process spinning on one core (the last this one may use) for as long as the block runs."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(hog.pid, {max(os.sched_getaffinity(0))})
+        time.sleep(0.2)  # spinning before the streams start
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def deployment_table(rows: list[dict[str, Any]], where: str) -> str:
+    first = rows[0]
+    lines = [
+        f"Measured on {where}; model {first['model']}, each stream {first['per_stream']} characters after a "
+        f"{PROMPT_CHARS}-character prompt; medians of {first['runs']} runs, the topologies taking turns. "
+        f"Default settings; the cluster's replicas: {next(r['replica_cpus'] for r in rows if r['replica_cpus'])}.",
+        "",
+        "| topology | streams | aggregate chars/s | / one process | first char p50 / p99 ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        p50, p99 = r["ttfc_ms"]
+        lines.append(
+            f"| {r['topology']} | {r['streams']} | {r['chars_per_s']:,.0f} | {r['vs_one_process']:.2f}x "
+            f"| {p50:,.0f} / {p99:,.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def reference(

@@ -163,7 +163,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     models = [m for m in args.models.split(",") if m]
     docs = Path(args.docs) if args.docs else None
     out = Path(args.out) if args.out else (Path(BENCH_JSON_DEFAULT) if docs else None)
-    print(bench.run(models, Path(args.models_dir), out, docs, args.quick))
+    parts = tuple(args.only.split(",")) if args.only else bench.PARTS
+    print(bench.run(models, Path(args.models_dir), out, docs, args.quick, parts=parts))
     if out is not None and out.resolve() == readme.BENCH_JSON:
         readme.refresh()  # the README's headline table is made from docs/bench.json
 
@@ -175,7 +176,7 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
         models_dir=Path(args.models_dir), model=args.model, seconds=args.seconds, clients=args.clients,
         storm_streams=args.storm_streams, storm_wave=args.storm_wave, contention_clients=args.contention_clients,
         contention_sessions=args.contention_sessions, max_tokens=args.max_tokens, deadline=args.deadline,
-        scenarios=tuple(s for s in args.scenarios.split(",") if s),
+        sessions_deadline=args.sessions_deadline, scenarios=tuple(s for s in args.scenarios.split(",") if s),
     )  # fmt: skip
     report, passed = loadtest.run(cfg, Path(args.out) if args.out else None, Path(args.docs) if args.docs else None)
     print(report)
@@ -187,7 +188,9 @@ def cmd_cluster(args: argparse.Namespace) -> None:
     from app import cluster
 
     workdir = Path(args.workdir) if args.workdir else None
-    raise SystemExit(cluster.serve(args.port, args.host, args.replicas, args.redis_port, args.lb, workdir))
+    raise SystemExit(
+        cluster.serve(args.port, args.host, args.replicas, args.redis_port, workdir, split_cpus=not args.no_cpu_split)
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -282,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", default="docs/loss_curves.png")
     r.set_defaults(func=cmd_report)
 
-    b = sub.add_parser("bench", help="benchmark the server against the naive baseline (over HTTP)")
+    b = sub.add_parser("bench", help="benchmark the server against the naive baseline, and as deployed (over HTTP)")
     b.add_argument("--models", default="shakespeare-lstm,shakespeare-gru,shakespeare-rnn")
     b.add_argument("--models-dir", default="models")
     b.add_argument("--out", help="also write the figures as JSON here")
@@ -292,9 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
         "docs/bench.json as --out (its default then), the README's headline table too",
     )  # fmt: skip
     b.add_argument("--quick", action="store_true", help="fewer characters per measurement")
+    b.add_argument(
+        "--only", choices=["engine", "deployment"],
+        help="engine: rnnserve against the naive baseline, per model; deployment: `rnnserve cluster` (2 replicas, "
+        "nginx) against one process, and one process beside a busy core, on the first model (a few minutes)",
+    )  # fmt: skip
     b.set_defaults(func=cmd_bench)
 
-    lt = sub.add_parser("loadtest", help="fault and load scenarios against a server and Redis of its own")
+    lt = sub.add_parser("loadtest", help="fault and load scenarios against servers, a cluster and Redis of their own")
     lt.add_argument("--models-dir", default="models")
     lt.add_argument("--model", default="shakespeare-lstm")
     lt.add_argument("--seconds", type=float, default=20.0, help="per scenario (the storm is sized by its streams)")
@@ -305,7 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--contention-sessions", type=int, default=4)
     lt.add_argument("--max-tokens", type=int, default=24, help="characters per generation")
     lt.add_argument("--deadline", type=float, default=30.0, help="seconds after which a request counts as hung")
-    lt.add_argument("--scenarios", default="steady,storm,redis,contention")
+    lt.add_argument(
+        "--sessions-deadline", type=float, default=60.0,
+        help="replica: seconds after the kill by which the sessions it was continuing must be usable again",
+    )  # fmt: skip
+    lt.add_argument("--scenarios", default="steady,storm,redis,contention,replica,redis-cluster")
     lt.add_argument("--out", help="also write the figures as JSON here")
     lt.add_argument(
         "--docs", nargs="?", const="docs/operations.md", metavar="PAGE",
@@ -313,12 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     lt.set_defaults(func=cmd_loadtest)
 
-    c = sub.add_parser("cluster", help="docker-compose.yml's topology as local processes")
+    c = sub.add_parser("cluster", help="docker-compose.yml's topology as supervised local processes (needs nginx)")
     c.add_argument("--host", default="127.0.0.1", help="the load balancer's address")
     c.add_argument("--port", type=int, default=8000, help="the load balancer's port")
     c.add_argument("--replicas", type=int, default=2)
     c.add_argument("--redis-port", type=int, help="default: a free port")
-    c.add_argument("--lb", choices=["auto", "nginx", "python"], default="auto", help="auto: nginx if installed")
+    c.add_argument(
+        "--no-cpu-split", action="store_true",
+        help="every replica on every core (default: cores of its own, or a share of the threads when too few)",
+    )  # fmt: skip
     c.add_argument("--workdir", help="keep Redis' files and the logs here (default: a temporary directory)")
     c.set_defaults(func=cmd_cluster)
 

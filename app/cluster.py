@@ -1,18 +1,18 @@
-"""The docker-compose topology as local processes: Redis, API replicas and a load balancer (`rnnserve cluster`).
+"""The docker-compose topology as supervised local processes: Redis, API replicas and nginx (`rnnserve cluster`).
 
 Redis runs with appendonly on in a working directory of its own; each replica is `rnnserve serve`
-(the Docker image's command: one uvicorn worker) with RNNSERVE_REDIS_URL pointing at it; the load
-balancer is nginx running deploy/nginx.conf (its upstream, listen address and log paths rewritten)
-when an nginx binary exists, else `TcpBalancer`, a round-robin TCP proxy that balances per
-connection and so passes SSE and WebSocket through untouched.
+(the Docker image's command: one uvicorn worker) with RNNSERVE_REDIS_URL pointing at it, on cores
+of its own where the host has enough; nginx runs deploy/nginx.conf with its upstream, listen address
+and log paths rewritten. A process that exits is restarted on the same address after a back-off, by
+a small supervisor thread rather than supervisord: the tests, `rnnserve loadtest` and `rnnserve
+bench` drive the same `Cluster` object in process (its children's pids, readiness), and supervisord
+gives a process up for good after a few failed starts.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
-import json
 import os
 import re
 import shutil
@@ -24,16 +24,18 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NGINX_CONF = REPO_ROOT / "deploy" / "nginx.conf"
-LbKind = Literal["auto", "nginx", "python"]
+# a restart waits 1 s, then twice as long after each exit that came within STABLE_SECONDS of its start
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 30.0
+STABLE_SECONDS = 60.0
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -52,11 +54,26 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 
 @dataclass
 class Child:
-    """A child process, its output going to `log`."""
+    """A child process that can be started again with the same command; its output goes to `log`."""
 
     name: str
-    proc: subprocess.Popen[bytes]
+    args: list[str]
     log: Path
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen[bytes] = field(init=False)
+    started: float = 0.0  # monotonic time of the last start
+    restarts: int = 0
+    backoff: float = BACKOFF_FIRST
+
+    def start(self) -> None:
+        # a session of its own: a Ctrl-C in the terminal reaches only `rnnserve cluster`, which then
+        # stops the children in order (nginx, replicas, Redis)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                start_new_session=True,
+            )  # fmt: skip
+        self.started = time.monotonic()
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -67,6 +84,11 @@ class Child:
         except OSError:
             return ""
 
+    def reap_group(self) -> None:
+        """Kills what the exited process left in its session (nginx's workers outlive a killed master)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
     def stop(self, timeout: float = 30.0) -> None:  # > RNNSERVE_SHUTDOWN_GRACE_SECONDS: replicas drain
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -75,16 +97,13 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        self.reap_group()
 
 
 def spawn(name: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> Child:
-    # A session of its own: a Ctrl-C in the terminal reaches only `rnnserve cluster`, which then
-    # stops the children in order (balancer, replicas, Redis).
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    return Child(name, proc, log)
+    child = Child(name, args, log, env)
+    child.start()
+    return child
 
 
 def wait_until(ready: Callable[[], bool], child: Child, what: str, timeout: float) -> None:
@@ -112,116 +131,49 @@ def accepts(host: str, port: int) -> bool:
         return False
 
 
-# -- the pure-Python balancer ------------------------------------------------------------------------
+def redis_pong(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
-class TcpBalancer:
-    """Round-robin TCP proxy in a thread: each client connection goes, whole, to the next backend.
-
-    Per connection, not per request: a keep-alive client stays on one replica, and an SSE stream
-    or a WebSocket passes through byte for byte, unbuffered. A backend that refuses the connection
-    is skipped; with none left the client gets a 503 in the API's error shape.
-    """
-
-    def __init__(self, host: str, port: int, backends: list[tuple[str, int]]) -> None:
-        self.host, self.port, self.backends = host, port, backends
-        self.connections: Counter[str] = Counter()  # "host:port" of a backend -> connections sent to it
-        self._next = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="rnnserve-balancer", daemon=True)
-
-    def start(self, timeout: float = 10.0) -> None:
-        self._thread.start()
-        if not self._started.wait(timeout) or self._error is not None:
-            raise RuntimeError(f"balancer did not start on {self.host}:{self.port}: {self._error!r}")
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stopping is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stopping.set)
-        self._thread.join(timeout=10)
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:  # reported by start(); a thread has no caller to raise to
-            self._error = exc
-            self._started.set()
-
-    async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            tasks.add(task)
-            try:
-                await self._proxy(reader, writer)
-            finally:
-                tasks.discard(task)
-
-        server = await asyncio.start_server(handle, self.host, self.port, reuse_address=True)
-        self._started.set()
-        async with server:
-            await self._stopping.wait()
-            server.close()
-            for task in list(tasks):
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        for _ in range(len(self.backends)):
-            host, port = self.backends[self._next]
-            self._next = (self._next + 1) % len(self.backends)
-            try:
-                upstream = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=5)
-            except (OSError, TimeoutError):
-                continue
-            self.connections[f"{host}:{port}"] += 1
-            return upstream
-        return None
-
-    async def _proxy(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        upstream = await self._connect()
-        if upstream is None:
-            body = json.dumps(
-                {"error": {"type": "service_unavailable_error", "message": "no API replica answers", "param": None}}
-            ).encode()
-            head = f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {len(body)}"
-            client_w.write(head.encode() + b"\r\nconnection: close\r\n\r\n" + body)
-            with contextlib.suppress(OSError):
-                await client_w.drain()
-            client_w.close()
-            return
-        up_r, up_w = upstream
-        pipes = [asyncio.create_task(pipe(client_r, up_w)), asyncio.create_task(pipe(up_r, client_w))]
-        try:
-            # both directions to their end (a half-close is passed on); a reset ends both
-            _done, pending = await asyncio.wait(pipes, return_when=asyncio.FIRST_EXCEPTION)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pipes, return_exceptions=True)
-        finally:
-            for task in pipes:
-                task.cancel()
-            for w in (client_w, up_w):
-                w.close()
+# -- CPUs per replica --------------------------------------------------------------------------------
 
 
-async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    """Copies src to dst as the bytes arrive, then half-closes dst."""
-    while data := await src.read(65536):
-        dst.write(data)
-        await dst.drain()
-    if dst.can_write_eof() and not dst.is_closing():
-        dst.write_eof()
+@dataclass(frozen=True)
+class CpuShare:
+    """What one replica may use: cores of its own (`cpus`), or `threads` on cores the replicas share."""
+
+    cpus: tuple[int, ...] = ()
+    threads: int = 0
+
+    def describe(self) -> str:
+        if self.cpus:
+            return f"cpus {','.join(map(str, self.cpus))}"
+        return f"RNNSERVE_TORCH_THREADS={self.threads}" if self.threads else "every cpu"
+
+
+def cpu_shares(replicas: int, cpus: Sequence[int], pin: bool = True) -> list[CpuShare]:
+    """Each replica its own cores when there are at least as many as replicas (the first ones one more
+    when they do not divide evenly), else a thread budget of cores // replicas (at least 1) each:
+    replicas that each size their pools to the whole host spin against each other."""
+    ordered = sorted(cpus)
+    if pin and len(ordered) >= replicas:
+        per, extra = divmod(len(ordered), replicas)
+        shares, first = [], 0
+        for i in range(replicas):
+            n = per + (i < extra)
+            shares.append(CpuShare(cpus=tuple(ordered[first : first + n])))
+            first += n
+        return shares
+    return [CpuShare(threads=max(1, len(ordered) // replicas))] * replicas
+
+
+def usable_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
 # -- nginx with deploy/nginx.conf --------------------------------------------------------------------
@@ -233,14 +185,19 @@ TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 def render_nginx_conf(text: str, listen: str, backends: list[tuple[str, int]], logs: Path, temp: Path) -> str:
     """deploy/nginx.conf for local processes: these backends and listen address, logs and temp files here.
 
-    Everything else (buffering, timeouts, WebSocket headers, body limit) stays as written. Raises
-    ValueError when a line it rewrites is no longer in the file.
+    Everything else (retries, failure marking, buffering, timeouts, WebSocket headers, body limit)
+    stays as written, the upstream server's parameters included (less `resolve`: the addresses are
+    fixed). Raises ValueError when a line it rewrites is no longer in the file.
     """
-    servers = "\n".join(f"        server {h}:{p} max_fails=1 fail_timeout=5s;" for h, p in backends)
+
+    def servers(m: re.Match[str]) -> str:
+        params = "".join(f" {p}" for p in m[2].split() if p != "resolve")
+        return "\n".join(f"{m[1]}server {h}:{p}{params};" for h, p in backends)
+
     temp_paths = "".join(f"\n    {kind}_temp_path {temp / kind};" for kind in TEMP_KINDS)
     access_log = logs / "access.log"
     rewrites: list[tuple[str, Callable[[re.Match[str]], str]]] = [
-        (r"^[ \t]*server[ \t]+api:8000\b[^;]*;[ \t]*$", lambda m: servers),
+        (r"^([ \t]*)server[ \t]+api:8000\b([^;]*);[ \t]*$", servers),
         (r"^([ \t]*)listen[ \t]+8000;", lambda m: f"{m[1]}listen {listen};"),
         (r"^([ \t]*)access_log[ \t]+/dev/stdout[ \t]+upstream;", lambda m: f"{m[1]}access_log {access_log} upstream;"),
         (r"^http[ \t]*\{", lambda m: "http {" + temp_paths),
@@ -252,35 +209,26 @@ def render_nginx_conf(text: str, listen: str, backends: list[tuple[str, int]], l
     return text
 
 
-class NginxBalancer:
-    """nginx running deploy/nginx.conf in front of local backends; round robin per request.
+def find_nginx() -> str:
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    if nginx is None:
+        raise RuntimeError("rnnserve cluster needs nginx (Debian/Ubuntu: apt-get install nginx)")
+    return nginx
 
-    Its configuration and logs go to `prefix`; its temp files to a directory of their own under the
-    system's temp directory, where nginx's workers (nobody, when started as root) can reach them.
+
+def nginx_child(host: str, port: int, backends: list[tuple[str, int]], prefix: Path, temp: Path) -> Child:
+    """nginx running deploy/nginx.conf in front of `backends`, its configuration and logs in `prefix`.
+
+    Its temp files go to `temp`, a directory where nginx's workers (nobody, when started as root)
+    can reach them.
     """
-
-    def __init__(self, nginx: str, host: str, port: int, backends: list[tuple[str, int]], prefix: Path) -> None:
-        self.nginx, self.host, self.port, self.backends, self.prefix = nginx, host, port, backends, prefix
-        self.temp: Path | None = None
-        self.child: Child | None = None
-
-    def start(self, timeout: float = 10.0) -> None:
-        self.prefix.mkdir(parents=True, exist_ok=True)
-        self.temp = Path(tempfile.mkdtemp(prefix="rnnserve-nginx-"))
-        for kind in TEMP_KINDS:
-            (self.temp / kind).mkdir()
-        conf = self.prefix / "nginx.conf"
-        listen = f"{self.host}:{self.port}"
-        conf.write_text(render_nginx_conf(NGINX_CONF.read_text(), listen, self.backends, self.prefix, self.temp))
-        directives = f"daemon off; pid {self.prefix / 'nginx.pid'};"
-        if os.geteuid() == 0:
-            directives += self._unprivileged_workers(self.temp)
-        args = [self.nginx, "-e", "stderr", "-p", str(self.prefix), "-c", str(conf), "-g", directives]
-        self.child = spawn("nginx", args, self.prefix / "nginx.log")
-        wait_until(lambda: accepts(self.host, self.port), self.child, "nginx", timeout)
-
-    @staticmethod
-    def _unprivileged_workers(temp: Path) -> str:
+    prefix.mkdir(parents=True, exist_ok=True)
+    for kind in TEMP_KINDS:
+        (temp / kind).mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(render_nginx_conf(NGINX_CONF.read_text(), f"{host}:{port}", backends, prefix, temp))
+    directives = f"daemon off; pid {prefix / 'nginx.pid'};"
+    if os.geteuid() == 0:
         import grp
         import pwd
 
@@ -288,59 +236,90 @@ class NginxBalancer:
         temp.chmod(0o711)
         for kind in TEMP_KINDS:
             os.chown(temp / kind, nobody.pw_uid, nobody.pw_gid)
-        return f" user {nobody.pw_name} {grp.getgrgid(nobody.pw_gid).gr_name};"
-
-    def stop(self) -> None:
-        if self.child is not None:
-            self.child.stop()
-        if self.temp is not None:
-            shutil.rmtree(self.temp, ignore_errors=True)
-
-    def alive(self) -> bool:
-        return self.child is not None and self.child.alive()
-
-    @property
-    def connections(self) -> Counter[str]:
-        """Requests per backend "host:port", from the access log's upstream= field."""
-        log = self.prefix / "access.log"
-        text = log.read_text(errors="replace") if log.exists() else ""
-        return Counter(re.findall(r"(?:upstream=|, )(\d+\.\d+\.\d+\.\d+:\d+)", text))
+        directives += f" user {nobody.pw_name} {grp.getgrgid(nobody.pw_gid).gr_name};"
+    args = [find_nginx(), "-e", "stderr", "-p", str(prefix), "-c", str(conf), "-g", directives]
+    return spawn("nginx", args, prefix / "nginx.log")
 
 
 # -- the whole topology ------------------------------------------------------------------------------
 
 
+def say(message: str) -> None:
+    print(f"rnnserve cluster: {message}", file=sys.stderr, flush=True)
+
+
 @dataclass
 class Cluster:
-    """A running twin of docker-compose.yml; `stop()` ends every process and removes a temporary workdir."""
+    """A running twin of docker-compose.yml whose processes are restarted when they exit;
+    `stop()` ends every process and removes a temporary workdir."""
 
     url: str
     replica_urls: list[str]
     redis_url: str
     workdir: Path
-    lb: str
-    balancer: TcpBalancer | NginxBalancer | None = None
-    children: list[Child] = field(default_factory=list)
+    shares: list[CpuShare]
+    children: list[Child] = field(default_factory=list)  # Redis, the replicas, nginx: the order of starting
     remove_workdir: bool = False
+    temp: Path | None = None  # nginx's temp files
+    events: list[str] = field(default_factory=list)  # every exit and restart, as logged
+    log: Callable[[str], None] = say
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False)
+    _supervisor: threading.Thread | None = field(default=None, init=False)
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    @property
+    def replicas(self) -> list[Child]:
+        return [c for c in self.children if c.name.startswith("api-")]
 
     def backend_hits(self) -> dict[str, int]:
-        """Per replica URL: connections (python balancer) or requests (nginx) the balancer sent it."""
-        counts = self.balancer.connections if self.balancer is not None else Counter()
+        """Per replica URL: requests nginx sent it, from the access log's upstream= field."""
+        log = self.workdir / "nginx" / "access.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        counts = Counter(re.findall(r"(?:upstream=|, )(\d+\.\d+\.\d+\.\d+:\d+)", text))
         return {url: counts[url.removeprefix("http://")] for url in self.replica_urls}
 
     def dead(self) -> list[str]:
-        """Names of the processes (and balancer) that are no longer running."""
-        names = [c.name for c in self.children if not c.alive()]
-        if self.balancer is not None and not self.balancer.alive():
-            names.append(f"balancer ({self.lb})")
-        return names
+        """Names of the processes not running at this moment (a restart may be due)."""
+        return [c.name for c in self.children if not c.alive()]
+
+    def supervise(self) -> None:
+        self._supervisor = threading.Thread(target=self._supervise, name="rnnserve-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _supervise(self) -> None:
+        due: dict[str, float] = {}  # child name -> monotonic time of its restart
+        while not self._stopping.wait(0.1):
+            now = time.monotonic()
+            for child in self.children:
+                if child.alive():
+                    if now - child.started > STABLE_SECONDS:
+                        child.backoff = BACKOFF_FIRST
+                elif child.name not in due:
+                    child.reap_group()
+                    due[child.name] = now + child.backoff
+                    self.note(f"{child.name} exited with {child.proc.returncode}; restarting in {child.backoff:g} s")
+                elif now >= due[child.name]:
+                    del due[child.name]
+                    child.start()
+                    child.restarts += 1
+                    child.backoff = min(2 * child.backoff, BACKOFF_MAX)
+                    self.note(f"{child.name} restarted (pid {child.proc.pid}, restart {child.restarts})")
+
+    def note(self, message: str) -> None:
+        self.events.append(message)
+        self.log(message)
 
     def stop(self) -> None:
-        if self.balancer is not None:
-            self.balancer.stop()
-        # in reverse order of starting: the replicas, then Redis (which fsyncs its append-only file)
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=10)
+        # in reverse order of starting: nginx, the replicas, then Redis (which fsyncs its append-only file)
         for child in reversed(self.children):
             child.stop()
+        if self.temp is not None:
+            shutil.rmtree(self.temp, ignore_errors=True)
         if self.remove_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -357,22 +336,23 @@ def start_cluster(
     replicas: int = 2,
     redis_port: int | None = None,
     api_ports: list[int] | None = None,
-    lb: LbKind = "auto",
     env: dict[str, str] | None = None,
     workdir: Path | None = None,
     startup_timeout: float = 120.0,
+    split_cpus: bool = True,
+    log: Callable[[str], None] = say,
 ) -> Cluster:
-    """Starts Redis, the replicas and the balancer, each once the one before is ready.
+    """Starts Redis, the replicas and nginx, each once the one before is ready, then supervises them.
 
     `env` adds to (or overrides) the replicas' environment; RNNSERVE_REDIS_URL is always the
-    cluster's Redis. Ports left out are free ones on 127.0.0.1. A temporary workdir holds Redis'
-    files and every log, and goes away on stop(); a given one is kept.
+    cluster's Redis. With `split_cpus` each replica runs on cores of its own (`cpu_shares`); a
+    RNNSERVE_TORCH_THREADS given in `env` or the environment is kept. Ports left out are free ones
+    on 127.0.0.1. A temporary workdir holds Redis' files and every log, and goes away on stop(); a
+    given one is kept.
     """
     if replicas < 1:
         raise ValueError("replicas must be at least 1")
-    nginx = shutil.which("nginx") if lb in ("auto", "nginx") and NGINX_CONF.exists() else None
-    if lb == "nginx" and nginx is None:
-        raise RuntimeError("--lb nginx: no nginx binary on PATH (or no deploy/nginx.conf)")
+    find_nginx()
     redis_server = shutil.which("redis-server")
     if redis_server is None:
         raise RuntimeError("no redis-server on PATH")
@@ -381,6 +361,10 @@ def start_cluster(
     ports = free_ports(replicas + 1)
     redis_port = redis_port or ports[0]
     api_ports = api_ports or ports[1:]
+    taskset = shutil.which("taskset")
+    shares = cpu_shares(replicas, usable_cpus(), pin=split_cpus and taskset is not None)
+    if not split_cpus:
+        shares = [CpuShare()] * replicas
 
     remove = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="rnnserve-cluster-")) if workdir is None else workdir.resolve()
@@ -390,8 +374,9 @@ def start_cluster(
         replica_urls=[f"http://127.0.0.1:{p}" for p in api_ports],
         redis_url=f"redis://127.0.0.1:{redis_port}/0",
         workdir=workdir,
-        lb="nginx" if nginx else "python",
+        shares=shares,
         remove_workdir=remove,
+        log=log,
     )
     try:
         redis_dir = workdir / "redis"
@@ -402,60 +387,56 @@ def start_cluster(
         cluster.children.append(redis)
         wait_until(lambda: redis_pong(redis_port), redis, "redis-server", 10)
 
-        child_env = {**os.environ, **(env or {}), "RNNSERVE_REDIS_URL": cluster.redis_url}
-        for i, api_port in enumerate(api_ports, 1):
+        base_env = {**os.environ, **(env or {}), "RNNSERVE_REDIS_URL": cluster.redis_url}
+        for i, (api_port, share) in enumerate(zip(api_ports, shares, strict=True), 1):
+            child_env = dict(base_env)
+            if share.threads and "RNNSERVE_TORCH_THREADS" not in base_env:
+                child_env["RNNSERVE_TORCH_THREADS"] = str(share.threads)
             # the image's command: one uvicorn worker, graceful shutdown, the WebSocket frame limit
             args = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(api_port),
                     "--log-level", child_env.get("RNNSERVE_LOG_LEVEL", "info")]  # fmt: skip
+            if share.cpus and taskset is not None:
+                args = [taskset, "--cpu-list", ",".join(map(str, share.cpus)), *args]
             cluster.children.append(spawn(f"api-{i}", args, workdir / f"api-{i}.log", child_env))
-        for url, child in zip(cluster.replica_urls, cluster.children[1:], strict=True):
+        for url, child in zip(cluster.replica_urls, cluster.replicas, strict=True):
             wait_until(functools.partial(http_ok, f"{url}/readyz"), child, f"{child.name} ({url})", startup_timeout)
 
+        cluster.temp = Path(tempfile.mkdtemp(prefix="rnnserve-nginx-"))
         backends = [("127.0.0.1", p) for p in api_ports]
-        cluster.balancer = (
-            NginxBalancer(nginx, host, port, backends, workdir / "nginx")
-            if nginx
-            else TcpBalancer(host, port, backends)
-        )
-        cluster.balancer.start()
+        nginx = nginx_child(host, port, backends, workdir / "nginx", cluster.temp)
+        cluster.children.append(nginx)
+        wait_until(lambda: accepts(host, port), nginx, "nginx", 10)
     except BaseException:
         cluster.stop()
         raise
+    cluster.supervise()
     return cluster
 
 
-def redis_pong(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def serve(port: int, host: str, replicas: int, redis_port: int | None, lb: LbKind, workdir: Path | None) -> int:
-    """`rnnserve cluster`: start everything, print where it is, run until Ctrl-C or SIGTERM."""
+def serve(port: int, host: str, replicas: int, redis_port: int | None, workdir: Path | None, split_cpus: bool) -> int:
+    """`rnnserve cluster`: start everything, print where it is, restart what exits until Ctrl-C or SIGTERM."""
     # SIGTERM as Ctrl-C, so that both stop the children, also while they are starting
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        cluster = start_cluster(port=port, host=host, replicas=replicas, redis_port=redis_port, lb=lb, workdir=workdir)
+        cluster = start_cluster(
+            port=port, host=host, replicas=replicas, redis_port=redis_port, workdir=workdir, split_cpus=split_cpus
+        )
     except KeyboardInterrupt:
         return 130
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"rnnserve cluster: {exc}", file=sys.stderr)
         return 1
     with cluster:
-        how = "nginx, deploy/nginx.conf, per request" if cluster.lb == "nginx" else "python, per connection"
-        print(f"load balancer  {cluster.url}  ({how})", flush=True)
-        for i, (url, child) in enumerate(zip(cluster.replica_urls, cluster.children[1:], strict=True), 1):
-            print(f"replica {i}      {url}  (log {child.log})")
+        print(f"load balancer  {cluster.url}  (nginx, deploy/nginx.conf, per request)", flush=True)
+        for i, (url, child, share) in enumerate(
+            zip(cluster.replica_urls, cluster.replicas, cluster.shares, strict=True), 1
+        ):
+            print(f"replica {i}      {url}  ({share.describe()}; log {child.log})")
         print(f"redis          {cluster.redis_url}  (appendonly, in {cluster.workdir / 'redis'})")
-        print("Ctrl-C stops them all.", flush=True)
+        print("A process that exits is restarted; Ctrl-C stops them all.", flush=True)
         try:
-            while not (dead := cluster.dead()):
-                time.sleep(0.5)
+            while True:
+                time.sleep(1)
         except KeyboardInterrupt:
             print("stopping", flush=True)
             return 0
-        print(f"rnnserve cluster: {', '.join(dead)} exited; stopping the others", file=sys.stderr)
-        return 1

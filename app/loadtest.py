@@ -1,7 +1,7 @@
 """`rnnserve loadtest`: fault and load scenarios against a real server and its own Redis, with a report.
 
 One server (bench's `Server`) and one redis-server of its own (append-only, fsync on every write, so
-that killing it loses no acknowledged write) serve four scenarios in turn:
+that killing it loses no acknowledged write) serve the first four scenarios in turn:
 
 - steady: clients loop over JSON and SSE generations (greedy, sample, beam), /score, session
   continuations and GET /models;
@@ -10,7 +10,20 @@ that killing it loses no acknowledged write) serve four scenarios in turn:
 - redis: steady load with sessions while redis-server is killed after a third of the time and
   restarted on the same port after another third;
 - contention: many clients continuing the same few sessions at once: one continuation wins, the
-  others get 409, and the accepted ones add up exactly.
+  others get 409, and the accepted ones add up exactly;
+
+and two more their own deployments:
+
+- replica: `rnnserve cluster --replicas 2` under steady load with sessions, through nginx; a replica
+  is killed -9 while it streams continuations of a few sessions. Counted: the requests sent while it
+  was down that failed, by kind (at least 99% must be answered), those it had received when it died
+  (they fail: nginx never sends a request twice), the seconds until the sessions it was continuing
+  can be continued again (their lease ran out), and until it answers again on its address;
+- redis-cluster: one server on a local Redis Cluster (3 masters, 3 replicas) under load with
+  sessions; a master is killed -9. Counted: the seconds until its replica took over and until every
+  session is served again; requests without a session never fail. An update the dead master
+  acknowledged but had not yet passed to its replica is lost (Redis replicates asynchronously): such
+  losses are reported, not failed.
 
 Each session the load touches is booked: its characters after creation plus those of every accepted
 (200) continuation must equal GET /sessions/{id} `chars` afterwards, so an update that was lost, or
@@ -21,6 +34,7 @@ connection) may or may not have landed; the check allows exactly the deltas of t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -35,10 +49,12 @@ from typing import Any
 import httpx
 
 from app.bench import Server, free_port, machine, percentile
-from app.cluster import Child, redis_pong, spawn, wait_until
+from app.cluster import Child, Cluster, redis_pong, spawn, start_cluster, wait_until
 from app.readme import write_section
+from app.redis_cluster import RedisCluster, start_redis_cluster
 
-SCENARIOS = ("steady", "storm", "redis", "contention")
+SCENARIOS = ("steady", "storm", "redis", "contention", "replica", "redis-cluster")
+ONE_SERVER = ("steady", "storm", "redis", "contention")  # the scenarios of one server and its own Redis
 PROMPTS = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n",
     "All:\nSpeak, speak.\n",
@@ -51,6 +67,9 @@ MB = 1024 * 1024
 # generate them all: more than STORM_LEAK of them on average fails the storm
 STORM_TOKENS = 2000
 STORM_LEAK = 0.1
+# the replica scenario's continuations on the replica it kills: long enough to be running at the kill
+HELD_SESSIONS = 2
+HELD_TOKENS = 10_000
 
 
 @dataclass
@@ -65,6 +84,7 @@ class Config:
     contention_sessions: int = 4
     max_tokens: int = 24
     deadline: float = 30.0  # a request still unanswered (a stream neither done nor failed) after this is hung
+    sessions_deadline: float = 60.0  # after a replica's kill, by when the sessions it was continuing must be free
     scenarios: tuple[str, ...] = SCENARIOS
     env: dict[str, str] = field(default_factory=dict)  # more RNNSERVE_* settings for the server
 
@@ -132,20 +152,24 @@ class Tally:
         ms = [t * 1000 for t in self.ttfc]
         return f"{percentile(ms, 0.5):,.0f} / {percentile(ms, 0.99):,.0f}"
 
-    def judge(self) -> None:
-        """The expectations every scenario shares; scenario-specific ones are added by the scenario."""
+    def judge(self, breaks_allowed: bool = False, losses_allowed: bool = False) -> None:
+        """The expectations every scenario shares; scenario-specific ones are added by the scenario.
+
+        `breaks_allowed`: broken connections and streams are the fault itself, counted by the scenario;
+        `losses_allowed`: sessions that lost an update are reported, not failed.
+        """
         unexpected = {s: n for s, n in self.statuses.items() if s not in self.allowed}
         if unexpected:
             self.failures.insert(
                 0, "unexpected statuses " + ", ".join(f"{s} x{n}" for s, n in sorted(unexpected.items()))
             )
-        if self.transport:
+        if self.transport and not breaks_allowed:
             self.failures.append("transport errors " + ", ".join(f"{k} x{n}" for k, n in self.transport.items()))
-        if self.stream_errors:
+        if self.stream_errors and not breaks_allowed:
             self.failures.append("error events " + ", ".join(f"{k} x{n}" for k, n in self.stream_errors.items()))
         if self.hung:
             self.failures.append(f"{self.hung} hung")
-        if self.lost:
+        if self.lost and not losses_allowed:
             self.failures.append(f"{len(self.lost)} sessions lost or gained an update")
 
     def to_json(self) -> dict[str, Any]:
@@ -604,30 +628,269 @@ async def contention(load: Load, cfg: Config) -> None:
         t.failures.append("a contended session was never continued")
 
 
+@dataclass
+class Timed:
+    """One request of a fault scenario: when it was sent and answered, and how."""
+
+    op: str
+    sent: float
+    answered: float
+    reply: Reply
+
+
+def window_figures(t: Tally, done: list[Timed], start: float, end: float) -> float:
+    """Notes the requests sent in [start, end] and those of them that failed, by kind, and apart from
+    them the requests already in flight at `start` (the fault) that failed; returns the share of the
+    former answered."""
+    sent = [r for r in done if start <= r.sent <= end]
+    in_flight = [r for r in done if r.sent < start <= r.answered]
+    share = sum(r.reply.ok for r in sent) / len(sent) if sent else 1.0
+    t.notes.update(
+        window_requests=len(sent),
+        window_answered=round(share, 4),
+        failed_in_window=dict(Counter(f"{r.op} {r.reply.status or 'broken'}" for r in sent if not r.reply.ok)),
+        in_flight_at_fault=len(in_flight),
+        in_flight_failed=dict(Counter(f"{r.op} {r.reply.status or 'broken'}" for r in in_flight if not r.reply.ok)),
+    )
+    return share
+
+
+async def session_client(load: Load, cfg: Config, c: int, done: list[Timed], running: Callable[[], bool]) -> None:
+    """A client of the fault scenarios: sessions created and continued (JSON and SSE), generations and
+    scores without a session. A session whose continuation failed may stay leased by a replica that
+    died: the client starts another; after a 503 it backs off a little, as a client of a dependency
+    that is down would."""
+    mt = cfg.max_tokens
+    sid: str | None = None
+    i = 0
+    while running():
+        prompt = PROMPTS[(c + i) % len(PROMPTS)]
+        kind = (c + i) % 6
+        sent = time.monotonic()
+        reply: Reply
+        if sid is None:
+            op = "session_create"
+            reply, sid = await load.create_session(prompt, mt)
+        elif kind in (0, 3):
+            op = "continue_stream" if kind == 3 else "continue"
+            reply = await load.continue_session(sid, "" if i % 2 else " ", mt, streamed=kind == 3)
+            if not reply.ok:
+                sid = None
+        elif kind == 1:
+            op = "generate_greedy"
+            reply = await load.call(op, "POST", "/generate", load.generate(prompt, mt, "greedy", save_session=False))
+        elif kind == 2:
+            op = "stream_sample"
+            reply = await load.stream(op, load.generate(prompt, mt, "sample", seed=i, save_session=False))
+        elif kind == 4:
+            op = "score_session"
+            reply = await load.call(op, "POST", "/score", {"model": load.model, "text": prompt, "session_id": sid})
+        else:
+            op, reply = "score", await load.call("score", "POST", "/score", {"model": load.model, "text": prompt})
+        done.append(Timed(op, sent, time.monotonic(), reply))
+        if reply.status == 503:
+            await asyncio.sleep(0.05)
+        i += 1
+
+
+async def held_continuation(load: Load, url: str, sid: str, started: asyncio.Event) -> dict[str, Any] | None:
+    """A long streamed continuation of `sid` on the server at `url`: its done event's data, or None
+    when it broke first."""
+    body = load.generate("", HELD_TOKENS, "sample", session_id=sid, stream=True)
+    event = ""
+    try:
+        async with load.client.stream("POST", url + "/generate", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                    started.set()
+                elif line.startswith("data: ") and event == "done":
+                    data: dict[str, Any] = json.loads(line[6:])
+                    return data
+    except httpx.HTTPError:
+        pass
+    finally:
+        started.set()
+    return None
+
+
+async def replica_fault(load: Load, cfg: Config, cluster: Cluster) -> None:
+    t, mt = load.tally, cfg.max_tokens
+    victim, address = cluster.replicas[0], cluster.replica_urls[0]
+    start = time.monotonic()
+    done: list[Timed] = []
+    killed, back = float("inf"), 0.0  # monotonic times; back stays 0 until the replica answers again
+    # requests of the fault itself (aimed at the replica, or probing its sessions) are not the load's
+    aside = Load(load.client, address, load.model, load.deadline)
+
+    def running() -> bool:
+        now = time.monotonic()
+        return now < start + cfg.seconds or (not back and now < killed + 60) or (bool(back) and now < back + 2)
+
+    async def fault() -> None:
+        nonlocal killed, back
+        await asyncio.sleep(cfg.seconds / 3)
+        held = [sid for _, sid in [await aside.create_session(PROMPTS[i], mt) for i in range(HELD_SESSIONS)] if sid]
+        t.sessions.update({sid: aside.tally.sessions[sid] for sid in held})
+        started = [asyncio.Event() for _ in held]
+        streams = [asyncio.create_task(held_continuation(aside, address, *a)) for a in zip(held, started, strict=True)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), cfg.deadline)
+        victim.proc.kill()
+        killed = time.monotonic()
+        t.notes["killed_at_s"] = round(killed - start, 2)
+        broken = []
+        for sid, result in zip(held, await asyncio.gather(*streams), strict=True):
+            if result is None:
+                broken.append(sid)
+                t.sessions[sid].unsure.append((0, HELD_TOKENS))
+            else:  # finished before the kill
+                t.sessions[sid].expected += result["usage"]["completion_chars"]
+        t.notes["sessions_held"] = len(broken)
+
+        async def answers() -> None:
+            nonlocal back
+            while time.monotonic() < killed + 60:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await load.client.get(address + "/readyz", timeout=2)).status_code == 200:
+                        back = time.monotonic()
+                        t.notes["replica_back_s"] = round(back - killed, 2)
+                        return
+                await asyncio.sleep(0.2)
+
+        async def freed() -> None:
+            waiting = set(broken)
+            while waiting and time.monotonic() < killed + cfg.sessions_deadline:
+                for sid in sorted(waiting):
+                    body = load.generate("", 1, "greedy", session_id=sid)
+                    reply = await aside.call("continue", "POST", "/generate", body)
+                    if reply.ok and reply.body is not None:
+                        usage = reply.body["usage"]
+                        t.sessions[sid].expected += usage["prompt_chars"] + usage["completion_chars"]
+                        waiting.discard(sid)
+                if not waiting:
+                    t.notes["sessions_freed_s"] = round(time.monotonic() - killed, 2)
+                    return
+                await asyncio.sleep(0.5)
+
+        aside.url = load.url  # the held sessions are continued again through nginx, on any replica
+        await asyncio.gather(answers(), freed())
+
+    await asyncio.gather(fault(), *(session_client(load, cfg, c, done, running) for c in range(cfg.clients)))
+    t.notes.setdefault("replica_back_s", None)
+    t.notes.setdefault("sessions_freed_s", None)
+    t.notes["restarts"] = victim.restarts
+    share = window_figures(t, done, killed, back or time.monotonic())
+    await load.check_sessions()
+    if share < 0.99:
+        t.failures.append(f"{share:.1%} of the requests sent while the replica was down answered (< 99%)")
+    if not back:
+        t.failures.append(f"{victim.name} did not answer on {address} within 60 s of its kill")
+    if t.notes["sessions_held"] and t.notes["sessions_freed_s"] is None:
+        t.failures.append(f"its sessions could not be continued within {cfg.sessions_deadline:g} s of the kill")
+    if cluster.dead():
+        t.failures.append(f"not running at the end: {', '.join(cluster.dead())}")
+
+
+async def master_fault(load: Load, cfg: Config, redis_cluster: RedisCluster) -> None:
+    t, mt = load.tally, cfg.max_tokens
+    start = time.monotonic()
+    end = start + cfg.seconds
+    done: list[Timed] = []
+    killed = float("inf")
+    probes = [sid for _, sid in [await load.create_session(PROMPTS[i % 4], mt) for i in range(8)] if sid]
+    aside = Load(load.client, load.url, load.model, load.deadline)
+
+    async def fault() -> None:
+        nonlocal killed
+        await asyncio.sleep(cfg.seconds / 3)
+        master = redis_cluster.masters()[0]
+        await asyncio.to_thread(redis_cluster.kill, master)
+        killed = time.monotonic()
+        t.notes["killed_at_s"] = round(killed - start, 2)
+        while not await asyncio.to_thread(redis_cluster.failed_over, master):
+            if time.monotonic() > killed + 60:
+                return
+            await asyncio.sleep(0.2)
+        t.notes["failover_s"] = round(time.monotonic() - killed, 2)
+        # every session (a few on each master) is served again
+        while time.monotonic() < max(end, killed + 60):
+            replies = [await aside.call("session_get", "GET", f"/sessions/{sid}") for sid in probes]
+            if all(r.ok for r in replies):
+                t.notes["sessions_served_s"] = round(time.monotonic() - killed, 2)
+                return
+            await asyncio.sleep(0.2)
+
+    await asyncio.gather(fault(), *(session_client(load, cfg, c, done, lambda: time.monotonic() < end)
+                                   for c in range(cfg.clients)))  # fmt: skip
+    t.notes.setdefault("failover_s", None)
+    t.notes.setdefault("sessions_served_s", None)
+    window_figures(t, done, killed, killed + (t.notes["sessions_served_s"] or cfg.seconds))
+    stateless_failed = sum(not r.reply.ok for r in done if r.op in STATELESS_OPS)
+    working = False
+    probe_deadline = time.monotonic() + cfg.deadline
+    while not working and time.monotonic() < probe_deadline:
+        _, sid = await load.create_session(PROMPTS[0], mt)
+        working = sid is not None and (await load.continue_session(sid, "", mt)).ok
+    t.notes.update(stateless_failed=stateless_failed, probed_sessions=len(probes))
+    await load.check_sessions()
+    if t.notes["failover_s"] is None:
+        t.failures.append("no replica took over from the killed master within 60 s")
+    elif t.notes["sessions_served_s"] is None:
+        t.failures.append("sessions not all served again after the failover")
+    if stateless_failed:
+        t.failures.append(f"{stateless_failed} requests without a session failed")
+    if not working:
+        t.failures.append(f"new sessions not working {cfg.deadline:.0f}s after the end")
+
+
 # -- the run -------------------------------------------------------------------------------------------
 
 
-async def run_scenarios(cfg: Config, server: Server, redis: Redis) -> list[Tally]:
+@dataclass
+class Targets:
+    """What the scenarios run against: one server and its Redis, a cluster, or a server on a Redis Cluster."""
+
+    url: str
+    server: Server | None = None
+    redis: Redis | None = None
+    cluster: Cluster | None = None
+    redis_cluster: RedisCluster | None = None
+
+
+ALLOWED = {
+    "steady": {200},
+    "storm": {200, 429},
+    "redis": {200, 409, 503},
+    "contention": {200, 409},
+    "replica": {200, 409, 502},
+    "redis-cluster": {200, 409, 503},
+}
+
+
+async def run_scenarios(cfg: Config, names: list[str], on: Targets) -> list[Tally]:
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
     timeout = httpx.Timeout(cfg.deadline + 5)
     tallies = []
     async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
-        load = Load(client, server.url, cfg.model, cfg.deadline)
-        allowed = {"steady": {200}, "storm": {200, 429}, "redis": {200, 409, 503}, "contention": {200, 409}}
-        for name in cfg.scenarios:
+        load = Load(client, on.url, cfg.model, cfg.deadline)
+        for name in names:
             print(f"loadtest: {name} ...", flush=True)
-            load.tally = tally = Tally(name, allowed[name])
+            load.tally = tally = Tally(name, ALLOWED[name])
             t0 = time.monotonic()
             if name == "steady":
                 await steady(load, cfg)
-            elif name == "storm":
-                await storm(load, cfg, server.proc.pid)
-            elif name == "redis":
-                await outage(load, cfg, redis)
-            else:
+            elif name == "storm" and on.server is not None:
+                await storm(load, cfg, on.server.proc.pid)
+            elif name == "redis" and on.redis is not None:
+                await outage(load, cfg, on.redis)
+            elif name == "contention":
                 await contention(load, cfg)
+            elif name == "replica" and on.cluster is not None:
+                await replica_fault(load, cfg, on.cluster)
+            elif name == "redis-cluster" and on.redis_cluster is not None:
+                await master_fault(load, cfg, on.redis_cluster)
             tally.seconds = time.monotonic() - t0
-            tally.judge()
+            tally.judge(breaks_allowed=name == "replica", losses_allowed=name == "redis-cluster")
             tallies.append(tally)
     return tallies
 
@@ -673,6 +936,24 @@ def details(tallies: list[Tally]) -> str:
                 f"- contention: {n['accepted']:,} continuations accepted, {n['conflicts']:,} answered 409; "
                 f"every session's length is its creation plus the accepted ones"
             )
+        elif t.name == "replica" and "killed_at_s" in n:
+            out.append(
+                f"- replica: one of 2 replicas killed -9 at {n['killed_at_s']} s while it streamed "
+                f"{n['sessions_held']} sessions' continuations; it answered again on its address "
+                f"{n['replica_back_s']} s later; those sessions could be continued again after "
+                f"{n['sessions_freed_s']} s; of the {n['window_requests']} requests sent through nginx meanwhile "
+                f"{n['window_answered']:.1%} were answered (failed: {failed(n, 'failed_in_window')}); of the "
+                f"{n['in_flight_at_fault']} in flight at the kill, those the dead replica had received failed "
+                f"({failed(n, 'in_flight_failed')}): nginx does not send a request twice"
+            )
+        elif t.name == "redis-cluster" and "killed_at_s" in n:
+            out.append(
+                f"- redis-cluster: a master of 3 (each with a replica) killed -9 at {n['killed_at_s']} s; its "
+                f"replica took over {n['failover_s']} s later; every session served again after "
+                f"{n['sessions_served_s']} s; requests without a session failed {n['stateless_failed']} times; "
+                f"failed meanwhile: {failed(n, 'failed_in_window')}; "
+                f"sessions that lost an acknowledged update: {len(t.lost)}"
+            )
         late = n.get("503_after_restart_s")
         if late:
             out.append(
@@ -682,31 +963,54 @@ def details(tallies: list[Tally]) -> str:
     return "\n".join(out)
 
 
+def failed(notes: dict[str, Any], key: str) -> str:
+    return ", ".join(f"{kind} x{n}" for kind, n in sorted(notes[key].items())) or "none"
+
+
 def run(cfg: Config, out: Path | None = None, readme: Path | None = None) -> tuple[str, bool]:
     """Run the scenarios; returns the report and whether every expectation held."""
     unknown = set(cfg.scenarios) - set(SCENARIOS)
     if unknown:
         raise ValueError(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
     workdir = Path(tempfile.mkdtemp(prefix="rnnserve-loadtest-"))
-    redis = Redis(workdir)
-    server: Server | None = None
+    env = {
+        "RNNSERVE_MODELS_DIR": str(cfg.models_dir),
+        "RNNSERVE_DEFAULT_MODEL": cfg.model,
+        "RNNSERVE_LOG_LEVEL": "warning",
+        **cfg.env,
+    }
+    found: dict[str, Tally] = {}
     try:
-        redis.start()
-        env = {
-            "RNNSERVE_MODELS_DIR": str(cfg.models_dir),
-            "RNNSERVE_DEFAULT_MODEL": cfg.model,
-            "RNNSERVE_REDIS_URL": redis.url,
-            "RNNSERVE_LOG_LEVEL": "warning",
-            **cfg.env,
-        }
-        server = Server(env)
-        server.wait_ready()
-        tallies = asyncio.run(run_scenarios(cfg, server, redis))
+        one_server = [name for name in cfg.scenarios if name in ONE_SERVER]
+        if one_server:
+            redis = Redis(workdir)
+            server: Server | None = None
+            try:
+                redis.start()
+                server = Server({**env, "RNNSERVE_REDIS_URL": redis.url})
+                server.wait_ready()
+                on = Targets(server.url, server=server, redis=redis)
+                found.update((t.name, t) for t in asyncio.run(run_scenarios(cfg, one_server, on)))
+            finally:
+                if server is not None:
+                    server.stop()
+                redis.kill()
+        if "replica" in cfg.scenarios:
+            with start_cluster(port=free_port(), env=env, workdir=workdir / "cluster") as cluster:
+                on = Targets(cluster.url, cluster=cluster)
+                found.update((t.name, t) for t in asyncio.run(run_scenarios(cfg, ["replica"], on)))
+        if "redis-cluster" in cfg.scenarios:
+            with start_redis_cluster(workdir / "redis-cluster") as redis_cluster:
+                server = Server({**env, "RNNSERVE_REDIS_URL": redis_cluster.url, "RNNSERVE_REDIS_CLUSTER": "true"})
+                try:
+                    server.wait_ready()
+                    on = Targets(server.url, server=server, redis_cluster=redis_cluster)
+                    found.update((t.name, t) for t in asyncio.run(run_scenarios(cfg, ["redis-cluster"], on)))
+                finally:
+                    server.stop()
     finally:
-        if server is not None:
-            server.stop()
-        redis.kill()
         shutil.rmtree(workdir, ignore_errors=True)
+    tallies = [found[name] for name in cfg.scenarios]
     passed = all(not t.failures for t in tallies)
     report = (
         f"Measured on {machine()}; model {cfg.model}, {cfg.seconds:g} s per scenario, {cfg.clients} clients "

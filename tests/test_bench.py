@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ from app.config import Settings
 from app.nn import CharRNN, ModelConfig
 from app.vocab import Vocab
 from tests.api.conftest import LiveServer, write_tiny_models
+from tests.deploy.conftest import require_nginx
 
 
 def test_stream_once_counts_the_streamed_characters_and_raises_on_an_error(tmp_path: Path) -> None:
@@ -40,7 +42,10 @@ def test_bench_measures_both_engines_and_writes_the_tables(tmp_path: Path, monke
     readme.write_text("# x\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n")
     out = tmp_path / "bench.json"
 
-    bench.run(["tiny-lstm"], tmp_path / "models", out, readme, quick=True, concurrency=(1, 4), histories=(10, 1000))
+    bench.run(
+        ["tiny-lstm"], tmp_path / "models", out, readme, quick=True, concurrency=(1, 4), histories=(10, 1000),
+        parts=("engine",),
+    )  # fmt: skip
 
     data = json.loads(out.read_text())
     results = {r["mode"]: r for r in data["http"]}
@@ -80,3 +85,52 @@ def test_bench_measures_both_engines_and_writes_the_tables(tmp_path: Path, monke
     layers = [line for line in text.splitlines() if " GFLOP/s, medians of " in line]  # a row per weights
     assert [line.split(" | ")[1] for line in layers] == ["fp32", "int8"]
     assert all(" | 4 | " in line for line in layers)  # at the most streams
+
+
+def test_deployment_section_runs_the_cluster_beside_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_nginx()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RNNSERVE_TORCH_THREADS", "1")  # a small machine, shared
+    write_tiny_models(tmp_path / "models")
+    readme = tmp_path / "README.md"
+    sections = "<!-- bench:start -->\nkept\n<!-- bench:end -->\n<!-- deployment:start -->\nold\n<!-- deployment:end -->"
+    readme.write_text(f"# x\n\n{sections}\n")
+    out = tmp_path / "bench.json"
+
+    report = bench.run(
+        ["tiny-lstm"], tmp_path / "models", out, readme, quick=True, parts=("deployment",), deployment_streams=(2, 4)
+    )
+
+    rows = json.loads(out.read_text())["deployment"]
+    assert [(r["topology"], r["streams"]) for r in rows] == [
+        (topology, c) for c in (2, 4) for topology in (bench.ONE, bench.CLUSTER, bench.BUSY)
+    ]
+    for r in rows:
+        assert r["chars_per_s"] > 0 and r["runs"] == 2 and 0 < r["ttfc_ms"][0] <= r["ttfc_ms"][1]
+        assert r["vs_one_process"] == pytest.approx(r["chars_per_s"] / rows[(r["streams"] != 2) * 3]["chars_per_s"])
+    assert rows[1]["replica_cpus"]  # each replica's share of the cores is stated
+    text = readme.read_text()
+    assert "kept" in text and "old" not in text  # only the deployment section is replaced
+    assert f"| {bench.CLUSTER} | 4 |" in text and f"| {bench.BUSY} | 2 |" in text and report in text
+
+
+def test_busy_core_spins_a_process_only_inside_the_block() -> None:
+    with bench.busy_core():
+        hogs = [p for p in child_commands() if "while True: pass" in p]
+        assert len(hogs) == 1
+    assert [p for p in child_commands() if "while True: pass" in p] == []
+
+
+def child_commands() -> list[str]:
+    """The command lines of this process' children, from /proc."""
+    me = str(os.getpid())
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == me:
+                found.append((stat.parent / "cmdline").read_text().replace("\0", " "))
+        except (OSError, IndexError):
+            pass
+    return found

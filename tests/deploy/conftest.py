@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from app.cluster import find_nginx
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,3 +43,18 @@ def compose() -> dict[str, Any]:
     data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     assert isinstance(data, dict)
     return data
+
+
+def require_nginx() -> str:
+    """nginx's path; without one, skip, or fail where CI=true (.ci/run installs it: no nginx test may skip)."""
+    try:
+        return find_nginx()
+    except RuntimeError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{exc} (CI=true: the nginx tests may not be skipped)", pytrace=False)
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def nginx() -> str:
+    return require_nginx()

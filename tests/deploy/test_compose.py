@@ -102,3 +102,10 @@ def test_replicas_get_time_to_drain_on_stop(compose: dict[str, Any]) -> None:
     grace = compose["services"]["api"]["stop_grace_period"]
     seconds = int(re.fullmatch(r"(\d+)s", grace)[1])  # type: ignore[index]
     assert seconds > Settings.model_fields["shutdown_grace_seconds"].default
+
+
+def test_each_replica_has_a_cpu_quota_that_can_be_changed(compose: dict[str, Any]) -> None:
+    cpus = compose["services"]["api"]["deploy"]["resources"]["limits"]["cpus"]
+    default = re.fullmatch(r"\$\{API_CPUS:-([\d.]+)\}", cpus)
+    assert default and float(default[1]) > 0  # the server sizes its thread pools from this quota
+    assert "API_CPUS" in (ROOT / "docker-compose.yml").read_text().split("cpus:")[0]  # the comment says how

@@ -1,19 +1,27 @@
-"""deploy/nginx.conf: valid nginx, round robin over the replicas, SSE and WebSocket unbuffered, the body limit."""
+"""deploy/nginx.conf: valid nginx, round robin over the replicas, retries only of what no replica received,
+SSE and WebSocket unbuffered, the body limit."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import crossplane
+import httpx
 import pytest
 
-from app.cluster import NGINX_CONF, render_nginx_conf
+from app.cluster import NGINX_CONF, accepts, free_ports, nginx_child, render_nginx_conf, wait_until
 from app.config import Settings
+from tests.deploy.conftest import require_nginx
 
 Directive = dict[str, Any]
 
@@ -78,11 +86,29 @@ def test_upstream_is_the_api_service_on_8000(
     http: list[Directive], server: list[Directive], compose: dict[str, Any]
 ) -> None:
     upstream = find(http, "upstream", "api")["block"]
-    assert values(upstream, "server") == [["api:8000", "resolve"]]
+    [server_args] = values(upstream, "server")
+    assert server_args[:2] == ["api:8000", "resolve"]
     assert values(upstream, "zone")  # `resolve` needs the shared zone
     assert values(http, "resolver")[0][0] == "127.0.0.11"  # Docker's embedded DNS
     assert values(server, "listen") == [["8000"]]
     assert "8000:8000" in compose["services"]["lb"]["ports"]  # published as it listens
+
+
+def test_a_failed_replica_is_marked_down_briefly(http: list[Directive]) -> None:
+    [server_args] = values(find(http, "upstream", "api")["block"], "server")
+    params = dict(arg.split("=", 1) for arg in server_args[2:])
+    assert int(params["max_fails"]) >= 1
+    assert 1 <= seconds(params["fail_timeout"]) <= 30  # long enough to skip a dead one, short for one restarted
+
+
+def test_undelivered_requests_go_to_the_next_replica_and_nothing_is_resent(server: list[Directive]) -> None:
+    for path in ("/", "/ws/"):
+        location = find(server, "location", path)["block"]
+        [retry] = values(location, "proxy_next_upstream")
+        # connect errors and timeouts move on; a POST already sent never does (no non_idempotent), and
+        # no http_5xx: a replica's own answer is the client's answer
+        assert set(retry) == {"error", "timeout"}, path
+        assert seconds(values(location, "proxy_connect_timeout")[0][0]) <= 10, path
 
 
 def test_every_location_streams_unbuffered_with_long_timeouts(server: list[Directive]) -> None:
@@ -131,6 +157,10 @@ def test_rendered_for_local_processes(tmp_path: Path) -> None:
     http = find(parse(rendered), "http")["block"]
     upstream = find(http, "upstream", "api")["block"]
     assert [args[0] for args in values(upstream, "server")] == ["127.0.0.1:5001", "127.0.0.1:5002"]
+    # the file's failure marking is kept; `resolve` (fixed addresses here) is not
+    original = find(find(parse(NGINX_CONF), "http")["block"], "upstream", "api")["block"]
+    marking = [a for a in values(original, "server")[0][1:] if a != "resolve"]
+    assert all(args[1:] == marking for args in values(upstream, "server")) and marking
     server = find(http, "server")["block"]
     assert values(server, "listen") == [["127.0.0.1:9000"]]
     assert values(http, "access_log") == [[str(tmp_path / "logs" / "access.log"), "upstream"]]
@@ -142,20 +172,95 @@ def test_rendered_for_local_processes(tmp_path: Path) -> None:
 
 
 def test_render_refuses_a_changed_file(tmp_path: Path) -> None:
-    text = NGINX_CONF.read_text().replace("server api:8000 resolve;", "server backend:8000;")
+    text = NGINX_CONF.read_text().replace("server api:8000 ", "server backend:8000 ")
     with pytest.raises(ValueError, match="api:8000"):
         render_nginx_conf(text, "127.0.0.1:9000", [("127.0.0.1", 5001)], tmp_path, tmp_path)
 
 
-@pytest.mark.skipif(shutil.which("nginx") is None, reason="no nginx binary here (CI has none)")
-def test_nginx_accepts_the_rendered_file(tmp_path: Path) -> None:
+def test_nginx_accepts_the_rendered_file(tmp_path: Path, nginx: str) -> None:
     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp_path / "tmp" / kind).mkdir(parents=True)
     text = render_nginx_conf(
         NGINX_CONF.read_text(), "127.0.0.1:9000", [("127.0.0.1", 5001)], tmp_path, tmp_path / "tmp"
     )
     (tmp_path / "nginx.conf").write_text(text)
-    args = ["nginx", "-t", "-e", "stderr", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+    args = [nginx, "-t", "-e", "stderr", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
             "-g", f"pid {tmp_path / 'nginx.pid'};"]  # fmt: skip
     result = subprocess.run(args, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
+
+
+class Counting(BaseHTTPRequestHandler):
+    """Answers every POST with 200 and counts them; `swallow` servers read the request and hang up instead."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        server: Any = self.server
+        server.received += 1
+        if server.swallow:
+            self.close_connection = True  # a replica that died after the request reached it
+            return
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def backend(swallow: bool = False) -> Iterator[Any]:
+    with ThreadingHTTPServer(("127.0.0.1", 0), Counting) as server:
+        server.received, server.swallow = 0, swallow  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield server
+        finally:
+            server.shutdown()
+
+
+@contextlib.contextmanager
+def running_nginx(backends: list[tuple[str, int]], tmp_path: Path) -> Iterator[str]:
+    port = free_ports(1)[0]
+    temp = Path(tempfile.mkdtemp(prefix="rnnserve-nginx-test-"))
+    child = nginx_child("127.0.0.1", port, backends, tmp_path / "nginx", temp)
+    try:
+        wait_until(lambda: accepts("127.0.0.1", port), child, "nginx", 30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        child.stop()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_nginx_sends_a_refused_request_to_the_next_replica(tmp_path: Path, nginx: str) -> None:
+    dead = free_ports(1)[0]
+    with (
+        backend() as live,
+        running_nginx([("127.0.0.1", dead), ("127.0.0.1", live.server_address[1])], tmp_path) as url,
+    ):
+        statuses = [httpx.post(f"{url}/generate", json={"n": i}, trust_env=False).status_code for i in range(6)]
+    assert statuses == [200] * 6 and live.received == 6
+
+
+def test_nginx_never_resends_a_request_a_replica_received(tmp_path: Path, nginx: str) -> None:
+    with backend(swallow=True) as dying, backend() as live:
+        backends = [("127.0.0.1", dying.server_address[1]), ("127.0.0.1", live.server_address[1])]
+        with running_nginx(backends, tmp_path) as url:
+            statuses = [httpx.post(f"{url}/generate", json={"n": i}, trust_env=False).status_code for i in range(6)]
+    # the hung-up request is the client's 502, and it reached one replica only
+    assert statuses.count(502) == dying.received >= 1
+    assert statuses.count(200) == live.received and dying.received + live.received == 6
+
+
+def test_missing_nginx_skips_with_the_install_command_except_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(shutil, "which", lambda *args, **kwargs: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install nginx"):
+        require_nginx()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="apt-get install nginx"):
+        require_nginx()
