@@ -31,5 +31,5 @@ lint: $(VENV)/.installed
 
 # the site from docs/ into site/; strict: a broken link or anchor fails the build
 docs: $(VENV)/.installed
-	$(PY) -m app.readme --check
+	$(PY) -m app.tools.readme --check
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict

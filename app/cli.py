@@ -158,7 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from app import bench, readme
+    from app.tools import bench, readme
 
     models = [m for m in args.models.split(",") if m]
     docs = Path(args.docs) if args.docs else None
@@ -170,7 +170,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> None:
-    from app import loadtest
+    from app.tools import loadtest
 
     cfg = loadtest.Config(
         models_dir=Path(args.models_dir), model=args.model, seconds=args.seconds, clients=args.clients,
@@ -185,7 +185,7 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
 
 
 def cmd_cluster(args: argparse.Namespace) -> None:
-    from app import cluster
+    from app.tools import cluster
 
     workdir = Path(args.workdir) if args.workdir else None
     raise SystemExit(

@@ -11,10 +11,10 @@ import httpx
 import pytest
 import torch
 
-from app import bench
 from app.checkpoint import save_checkpoint
 from app.config import Settings
 from app.nn import CharRNN, ModelConfig
+from app.tools import bench
 from app.vocab import Vocab
 from tests.api.conftest import LiveServer, write_tiny_models
 from tests.deploy.conftest import require_nginx

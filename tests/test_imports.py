@@ -71,3 +71,16 @@ def test_the_api_uses_the_engine_through_its_interface_modules() -> None:
         if name.startswith("app.api"):
             engine = {d for d in deps if d.startswith("app.engine.")}
             assert engine <= allowed, (name, engine - allowed)
+
+
+def test_no_module_the_server_loads_imports_the_tools() -> None:
+    graph = imports()
+    served, seen = ["app.main"], set()
+    while served:
+        name = served.pop()
+        if name not in seen:
+            seen.add(name)
+            served.extend(graph[name])
+    assert "app.api.serving" in seen  # the walk follows the server's imports
+    assert not {m for m in seen if m.startswith("app.tools")}
+    assert {"app.tools.bench", "app.tools.loadtest", "app.tools.cluster", "app.tools.readme"} <= set(graph)

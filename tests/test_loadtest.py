@@ -11,7 +11,7 @@ import pytest
 
 from app.cli import build_parser, main
 from app.config import Settings
-from app.loadtest import SCENARIOS, Booked
+from app.tools.loadtest import SCENARIOS, Booked
 from tests.api.conftest import write_tiny_models
 from tests.conftest import require_redis_server
 from tests.deploy.conftest import require_nginx

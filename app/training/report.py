@@ -13,7 +13,7 @@ from app.engine.generate import generate
 from app.engine.sampling import SamplingParams
 from app.engine.sequence import GenerationRequest
 from app.nn.onnx_step import OnnxStep
-from app.readme import write_section
+from app.tools.readme import write_section
 
 SAMPLE_PROMPT = "ROMEO:\n"
 CODE_PROMPT = "def shortest_path(G, source, target):\n"

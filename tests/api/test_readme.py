@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app import readme
 from app.cli import build_parser
 from app.config import Settings
+from app.tools import readme
 from tests.e2e.conftest import Server, running
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,7 +103,7 @@ def test_every_page_is_in_the_site_nav() -> None:
 
 
 def test_generated_sections_are_current() -> None:
-    assert readme.stale() == [], "run `python -m app.readme`"
+    assert readme.stale() == [], "run `python -m app.tools.readme`"
 
 
 def test_settings_table_lists_every_setting() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from app.cluster import find_nginx
+from app.tools.cluster import find_nginx
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -22,7 +22,7 @@ import pytest
 import redis
 from websockets.sync.client import connect
 
-from app.cluster import Cluster, CpuShare, accepts, cpu_shares, free_ports, http_ok, start_cluster
+from app.tools.cluster import Cluster, CpuShare, accepts, cpu_shares, free_ports, http_ok, start_cluster
 from tests.api.conftest import write_tiny_models
 from tests.conftest import require_redis_server
 from tests.deploy.conftest import ROOT

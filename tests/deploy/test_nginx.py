@@ -19,8 +19,8 @@ import crossplane
 import httpx
 import pytest
 
-from app.cluster import NGINX_CONF, accepts, free_ports, nginx_child, render_nginx_conf, wait_until
 from app.config import Settings
+from app.tools.cluster import NGINX_CONF, accepts, free_ports, nginx_child, render_nginx_conf, wait_until
 from tests.deploy.conftest import require_nginx
 
 Directive = dict[str, Any]

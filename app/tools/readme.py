@@ -1,6 +1,6 @@
 """Generated sections of the README and the docs pages, between `<!-- name:start -->` and `<!-- name:end -->` markers.
 
-`python -m app.readme` rewrites the sections made from the code and the shipped files (the settings
+`python -m app.tools.readme` rewrites the sections made from the code and the shipped files (the settings
 table, the README's model and benchmark tables); `--check` only says which ones are stale.
 """
 
@@ -144,14 +144,14 @@ def refresh() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m app.readme", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m app.tools.readme", description=__doc__)
     p.add_argument("--check", action="store_true", help="exit 1 if a generated section is stale; write nothing")
     args = p.parse_args(argv)
     if not args.check:
         refresh()
         return
     if problems := stale():
-        sys.exit("stale generated sections (run `python -m app.readme`): " + ", ".join(problems))
+        sys.exit("stale generated sections (run `python -m app.tools.readme`): " + ", ".join(problems))
 
 
 if __name__ == "__main__":

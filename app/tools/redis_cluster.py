@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.cluster import Child, redis_pong, spawn, wait_until
+from app.tools.cluster import Child, redis_pong, spawn, wait_until
 
 BUS_OFFSET = 10_000  # a cluster node's bus listens on its port + 10000
 

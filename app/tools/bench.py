@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,6 @@ import httpx
 import torch
 
 from app.checkpoint import Checkpoint, load_checkpoint
-from app.cluster import start_cluster
 from app.config import Settings
 from app.engine.config import Weights
 from app.engine.engine import Engine
@@ -32,7 +30,8 @@ from app.engine.sequence import GenerationRequest, GenerationResult
 from app.engine.stream import Stream
 from app.metrics import PHASES
 from app.nn import CharRNN
-from app.readme import replace_section, write_section
+from app.tools.cluster import free_ports, start_cluster
+from app.tools.readme import replace_section, write_section
 
 CONCURRENCY = (1, 8, 32, 128)
 # the servers measured, one after another, and their settings: the naive baseline, then rnnserve on
@@ -98,17 +97,11 @@ class Bound:
         return {"matmul_gflops_by": gflops, "bound_chars_per_s": best / (2 * self.macs), "bounds": len(self.rates)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Server:
     """`uvicorn app.main:app` in a child process with the given RNNSERVE_* settings."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.port = free_port()
+        self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(self.port), "--log-level", "warning"]
         self.proc = subprocess.Popen(cmd, env={**os.environ, **env})
@@ -437,7 +430,7 @@ def deployment(
     single = Server(settings)
     try:
         single.wait_ready()
-        with start_cluster(port=free_port(), env=settings) as cluster:
+        with start_cluster(port=free_ports(1)[0], env=settings) as cluster:
             shares = "; ".join(share.describe() for share in cluster.shares)
             urls = {ONE: single.url, CLUSTER: cluster.url, BUSY: single.url}
             body = {"model": model, "prompt": prompt, "max_tokens": cfg["per_stream"], "save_session": False}

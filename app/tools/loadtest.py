@@ -48,10 +48,10 @@ from typing import Any
 
 import httpx
 
-from app.bench import Server, free_port, machine, percentile
-from app.cluster import Child, Cluster, redis_pong, spawn, start_cluster, wait_until
-from app.readme import write_section
-from app.redis_cluster import RedisCluster, start_redis_cluster
+from app.tools.bench import Server, machine, percentile
+from app.tools.cluster import Child, Cluster, free_ports, redis_pong, spawn, start_cluster, wait_until
+from app.tools.readme import write_section
+from app.tools.redis_cluster import RedisCluster, start_redis_cluster
 
 SCENARIOS = ("steady", "storm", "redis", "contention", "replica", "redis-cluster")
 ONE_SERVER = ("steady", "storm", "redis", "contention")  # the scenarios of one server and its own Redis
@@ -350,7 +350,7 @@ class Redis:
     """A throwaway redis-server on a free port that fsyncs every write, so that a kill loses nothing acknowledged."""
 
     def __init__(self, directory: Path) -> None:
-        self.directory, self.port = directory, free_port()
+        self.directory, self.port = directory, free_ports(1)[0]
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.child: Child | None = None
 
@@ -996,7 +996,7 @@ def run(cfg: Config, out: Path | None = None, readme: Path | None = None) -> tup
                     server.stop()
                 redis.kill()
         if "replica" in cfg.scenarios:
-            with start_cluster(port=free_port(), env=env, workdir=workdir / "cluster") as cluster:
+            with start_cluster(port=free_ports(1)[0], env=env, workdir=workdir / "cluster") as cluster:
                 on = Targets(cluster.url, cluster=cluster)
                 found.update((t.name, t) for t in asyncio.run(run_scenarios(cfg, ["replica"], on)))
         if "redis-cluster" in cfg.scenarios:
