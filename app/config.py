@@ -13,12 +13,23 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RNNSERVE_", env_file=".env", extra="ignore")
 
-    models_dir: Path = Field(Path("models"), description="Directory scanned for checkpoints at startup.")
+    models_dir: Path = Field(Path("models"), description="Directory of the checkpoints served, one per subdirectory.")
+    models_poll_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds between scans of RNNSERVE_MODELS_DIR for new, replaced or removed checkpoints "
+        "(POST /admin/models/reload scans at once); 0: only at startup and on that call.",
+    )
     default_model: str = Field("shakespeare-lstm", description="Model used when a request names none.")
     redis_url: str | None = Field(None, description="Redis URL for sessions; unset: in-process store.")
     redis_cluster: bool = Field(False, description="Use redis-py's cluster client for RNNSERVE_REDIS_URL.")
     api_keys: str = Field("", description="Comma-separated API keys; empty (and no file): no authentication.")
     api_keys_file: Path | None = Field(None, description="File with one API key per line, added to api_keys.")
+    admin_keys: str = Field(
+        "",
+        description="Comma-separated admin keys: only they may use /admin/* and /trainings (they are API keys "
+        "too). Unset: those routes are open without API keys, refused (403) with them.",
+    )
     session_ttl: int = Field(86_400, ge=1, description="Seconds a session lives after its last update.")
     max_session_ttl: int = Field(30 * 86_400, ge=1, description="Largest session_ttl a request may ask for.")
     max_sessions: int = Field(10_000, ge=1, description="In-process store: sessions kept (least recently used go).")
@@ -79,6 +90,10 @@ class Settings(BaseSettings):
         if self.api_keys_file is not None:
             keys += [line.strip() for line in self.api_keys_file.read_text().splitlines()]
         return [k for k in keys if k]
+
+    @property
+    def admin_key_list(self) -> list[str]:
+        return [k for k in (k.strip() for k in self.admin_keys.split(",")) if k]
 
 
 @lru_cache

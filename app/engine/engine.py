@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 
@@ -18,7 +19,7 @@ from app.engine.generate import CHUNK, beam_generation, prefill_steps, read, sco
 from app.engine.inspect import Trace, inspect
 from app.engine.sampling import draw, filter_logits, softmax
 from app.engine.sequence import GenerationRequest, GenerationResult, Sequence
-from app.errors import OverloadedError, UnavailableError
+from app.errors import NotFoundError, OverloadedError, UnavailableError
 from app.nn import CharRNN, FusedStep, State, Step, select_state, stack_states, state_from_parts, state_parts
 
 log = logging.getLogger(__name__)
@@ -614,6 +615,8 @@ class Engine:
         self.step_budget = step_budget
         self.compute = compute or Compute()  # shared by the models' engines
         self.engines: dict[str, ModelEngine] = {}
+        # by id(checkpoint): engines of replaced or removed weights, finishing what they run
+        self.retired: weakref.WeakValueDictionary[int, ModelEngine] = weakref.WeakValueDictionary()
 
     async def start(self, models: dict[str, Checkpoint]) -> None:
         for name, ckpt in models.items():
@@ -632,16 +635,21 @@ class Engine:
 
     def drain(self, grace: float) -> None:
         """Stop admitting; `grace` seconds later, cancel what still runs (its clients get `done`)."""
-        for e in self.engines.values():
+        for e in [*self.engines.values(), *self.retired.values()]:
             e.draining = True
         asyncio.get_running_loop().call_later(grace, self.abort_all)
 
     def abort_all(self) -> None:
-        for e in self.engines.values():
+        for e in [*self.engines.values(), *self.retired.values()]:
             e.abort_all()
 
     def __getitem__(self, ckpt: Checkpoint) -> ModelEngine:
-        return self.engines[ckpt.name]
+        engine = self.engines.get(ckpt.name)
+        if engine is None or engine.ckpt is not ckpt:  # the weights changed while a request held these
+            engine = self.retired.get(id(ckpt))
+        if engine is None:
+            raise NotFoundError(f"model {ckpt.name!r} was replaced or removed; retry", param="model")
+        return engine
 
     async def score(self, ckpt: Checkpoint, ids: list[int], state: State | None = None) -> list[float]:
         """Per-character logprobs of ids[1:], off the event loop."""
