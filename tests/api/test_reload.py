@@ -13,7 +13,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.checkpoint import META, WEIGHTS, save_checkpoint
+from app.checkpoint import META, WEIGHTS, save_checkpoint, update_meta
 from app.config import Settings
 from app.main import create_app
 from app.nn import CharRNN, ModelConfig
@@ -95,6 +95,15 @@ def test_reload_answers_what_was_added_replaced_removed_and_refused(models_dir: 
         assert answer["models"] == ["new-one", "tiny-gru", "tiny-lstm"]
         assert answer["default"] == "tiny-lstm"
         assert [m["name"] for m in client.get("/models").json()["models"]] == answer["models"]
+
+
+def test_metrics_written_after_training_are_served_without_a_swap(server: LiveServer, models_dir: Path) -> None:
+    sha = httpx.get(f"{server.url}/models/tiny-gru").json()["sha256"]
+    update_meta(models_dir / "tiny-gru", metrics={"val_nats_per_char": 1.25, "test_nats_per_char": 1.5})
+    answer = reload(server.url)
+    assert answer["added"] == answer["replaced"] == answer["removed"] == []
+    info = httpx.get(f"{server.url}/models/tiny-gru").json()
+    assert (info["sha256"], info["val_nats_per_char"], info["test_nats_per_char"]) == (sha, 1.25, 1.5)
 
 
 def test_a_replaced_model_serves_new_requests_while_running_streams_finish_on_the_old_weights(
