@@ -31,12 +31,13 @@ def fingerprint(directory: Path) -> Fingerprint:
     return stat(META), stat(WEIGHTS)
 
 
-def model_dirs(models_dir: Path) -> dict[str, Path]:
-    """`models_dir/<name>/` by name; hidden directories (checkpoints being written) are not models."""
+def model_dirs(models_dir: Path) -> dict[str, Path] | None:
+    """`models_dir/<name>/` by name (None where the directory cannot be read); hidden directories
+    (checkpoints being written) are not models."""
     try:
         entries = sorted(models_dir.iterdir())
     except OSError:
-        return {}
+        return None
     return {p.name: p for p in entries if not p.name.startswith(".") and p.is_dir()}
 
 
@@ -89,6 +90,10 @@ class Registry:
         if self.models_dir is None:
             return changes
         found = model_dirs(self.models_dir)
+        if found is None:  # unreadable (a volume not mounted yet): what is served stays served
+            if self.models:
+                log.warning("cannot read the models directory %s; serving what was loaded", self.models_dir)
+            return changes
         changes.removed = [name for name in self.models if name not in found]
         for name, path in found.items():
             mark = fingerprint(path)

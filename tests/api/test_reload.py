@@ -97,6 +97,37 @@ def test_reload_answers_what_was_added_replaced_removed_and_refused(models_dir: 
         assert [m["name"] for m in client.get("/models").json()["models"]] == answer["models"]
 
 
+def test_a_served_model_replaced_by_a_broken_checkpoint_keeps_serving_its_old_weights(
+    server: LiveServer, models_dir: Path
+) -> None:
+    sha = httpx.get(f"{server.url}/models/tiny-lstm").json()["sha256"]
+    meta = json.loads((models_dir / "tiny-lstm" / META).read_text())
+    (models_dir / "tiny-lstm" / META).write_text(json.dumps({**meta, "sha256": "f" * 64}))
+    answer = reload(server.url)
+    assert answer["replaced"] == [] and [r["name"] for r in answer["refused"]] == ["tiny-lstm"]
+    assert "sha256 mismatch" in answer["refused"][0]["reason"]
+    assert httpx.get(f"{server.url}/models/tiny-lstm").json()["sha256"] == sha
+    assert generate(server.url, model="tiny-lstm", max_tokens=3).status_code == 200
+
+
+def test_a_missing_models_directory_unloads_nothing(server: LiveServer, models_dir: Path) -> None:
+    models_dir.rename(models_dir.with_name("elsewhere"))
+    answer = reload(server.url)
+    assert answer["removed"] == [] and answer["models"] == ["tiny-gru", "tiny-lstm", "tiny-rnn"]
+
+
+def test_replicas_sharing_the_directory_converge(models_dir: Path) -> None:
+    settings = Settings(models_dir=models_dir, default_model="tiny-lstm", models_poll_seconds=0.2, step="torch")
+    with LiveServer(settings) as one, LiveServer(settings) as two:
+        write_model(models_dir / "shared", seed=8)
+        shutil.rmtree(models_dir / "tiny-rnn")
+        for live in (one, two):
+            assert wait_for(lambda live=live: httpx.get(f"{live.url}/models/shared").status_code == 200, timeout=30)
+            assert wait_for(lambda live=live: httpx.get(f"{live.url}/models/tiny-rnn").status_code == 404, timeout=30)
+        shas = {httpx.get(f"{live.url}/models/shared").json()["sha256"] for live in (one, two)}
+        assert len(shas) == 1
+
+
 def test_metrics_written_after_training_are_served_without_a_swap(server: LiveServer, models_dir: Path) -> None:
     sha = httpx.get(f"{server.url}/models/tiny-gru").json()["sha256"]
     update_meta(models_dir / "tiny-gru", metrics={"val_nats_per_char": 1.25, "test_nats_per_char": 1.5})
