@@ -1,4 +1,4 @@
-"""The `rnnserve` command: data, train, eval, report, generate, serve, bench, loadtest and cluster."""
+"""The `rnnserve` command: data, train, eval, report, generate, serve, worker, bench, loadtest and cluster."""
 
 from __future__ import annotations
 
@@ -179,6 +179,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.host, args.port, args.log_level)
 
 
+def cmd_worker(args: argparse.Namespace) -> None:
+    from app import logs
+    from app.config import get_settings
+    from app.jobs import worker
+
+    settings = get_settings()
+    logs.configure(settings.log_level)
+    worker.run(settings)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from app import bench
 
@@ -297,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=cmd_serve)
+
+    w = sub.add_parser("worker", help="run training jobs from the Redis queue (RNNSERVE_REDIS_URL)")
+    w.set_defaults(func=cmd_worker)
 
     r = sub.add_parser("report", help="write the README's model table, loss-curve plot and samples")
     r.add_argument("--models", default="shakespeare-lstm,shakespeare-gru,shakespeare-rnn,python-lstm")

@@ -77,6 +77,21 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: torch's default.")
     log_level: str = Field("info", description="Log level of the service.")
+    max_training_text_bytes: int = Field(
+        1_000_000, ge=1, description="Largest text a training job accepts, in UTF-8 bytes; beyond: 413."
+    )
+    max_training_minutes: float = Field(60.0, gt=0, description="Longest training time a job may ask for.")
+    max_training_hidden_size: int = Field(1024, ge=8, description="Largest hidden_size a training job may ask for.")
+    max_training_layers: int = Field(4, ge=1, description="Largest num_layers a training job may ask for.")
+    max_trainings_per_key: int = Field(
+        2, ge=1, description="Training jobs one API key may have queued or running at once; beyond: 429."
+    )
+    training_ttl: int = Field(
+        7 * 86_400, ge=60, description="Seconds a finished training job's record is kept (its model stays)."
+    )
+    training_threads: int = Field(
+        0, ge=0, description="torch threads of a training job; 0: the CPUs the worker may use."
+    )
 
     @model_validator(mode="after")
     def _int8_runs_on_onnx(self) -> Settings:

@@ -22,11 +22,12 @@ from app.api.errors import register_exception_handlers
 from app.api.middleware import BodySizeLimit, RequestContext
 from app.api.ratelimit import RateLimiter
 from app.api.reload import Reloader
-from app.api.routes import admin, generate, health, inspect, models, openai, playground, score, sessions, ws
+from app.api.routes import admin, generate, health, inspect, models, openai, playground, score, sessions, trainings, ws
 from app.api.schemas import ErrorResponse
 from app.config import Settings, get_settings
 from app.engine.compute import Compute
 from app.engine.engine import Engine
+from app.jobs.service import Trainings
 from app.registry import Registry
 from app.sessions.store import InMemoryStore, MeteredStore, SessionStore
 
@@ -69,10 +70,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reloader = Reloader(registry, engine, compute, settings.models_poll_seconds)
         app.state.services = Services(settings, registry, engine, store, limiter, rate, reloader)
         reloader.start()
+        app.state.trainings = Trainings(settings)  # Redis and a local worker are reached at first use
         log.info("serving %d model(s), default %s, sessions %s", len(registry), registry.default, store.kind)
         try:
             yield
         finally:
+            await app.state.trainings.close()
             await reloader.stop()
             await engine.stop()
             await store.close()
@@ -97,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router, dependencies=authed, responses=auth_errors)
     app.include_router(ws.router)  # authenticates at connect
     app.include_router(admin.router)  # admin keys only, when keys are set
+    app.include_router(trainings.router)  # admin keys only, when keys are set
     app.include_router(health.router)
     app.include_router(playground.router)  # the page is open; what it calls needs a key
     app.mount("/static", StaticFiles(directory=playground.STATIC), name="static")
