@@ -1,4 +1,4 @@
-"""The model registry: scans the models directory, verifies and loads every checkpoint, looks them up."""
+"""The model registry: scans the models directory, verifies and loads checkpoints (again when they change), looks them up."""
 
 from __future__ import annotations
 
