@@ -73,8 +73,15 @@ class LocalBackend:
                "RNNSERVE_TRAINING_THREADS": str(settings.training_threads)}  # fmt: skip
         root = str(Path(__file__).resolve().parents[2])  # where `app` is, installed or not
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        self.env = env
         self.worker = self._spawn([sys.executable, "-m", "app.cli", "worker"], "worker.log", env)
         log.info("training jobs: local redis %s, worker pid %d (log %s)", self.url, self.worker.pid, self.dir)
+
+    def revive(self) -> None:
+        """Start the worker again if it died (its job, if any, was reported failed)."""
+        if self.worker.poll() is not None:
+            log.warning("the training worker exited with %s; starting another", self.worker.returncode)
+            self.worker = self._spawn([sys.executable, "-m", "app.cli", "worker"], "worker.log", self.env)
 
     def _spawn(self, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with (self.dir / log_name).open("ab") as out:
@@ -149,6 +156,8 @@ class Trainings:
     async def submit(self, spec: TrainingSpec, text: str, owner: str) -> dict[str, Any]:
         spec.check(self.limits, text)
         store = await self._ready()
+        if self.local is not None:
+            self.local.revive()
         active = [r for r in await self._call(store.recent) if r["status"] in ACTIVE]
         mine = [r for r in active if r["owner"] == owner]
         if any(r["name"] == spec.name for r in active):

@@ -125,7 +125,7 @@ def events(client: TestClient, job_id: str, key: str = ADMIN) -> list[tuple[str,
 
 
 def status_of(client: TestClient, job_id: str, key: str = ADMIN) -> dict[str, Any]:
-    r = client.get(f"/trainings/{job_id}", headers=auth(key))
+    r = client.get(f"/trainings/{job_id}", headers=auth(key) if key else {})
     assert r.status_code == 200, r.text
     return r.json()  # type: ignore[no-any-return]
 
@@ -301,3 +301,21 @@ def test_without_redis_the_server_runs_its_own_queue_and_worker(tmp_path: Path) 
         assert local is not None
         worker, server = local.worker, local.redis
     assert worker.poll() is not None and server.poll() is not None  # stopped with the server
+
+
+def test_a_worker_stopped_mid_job_stops_it_and_reports_it_failed(redis_server: RedisServer, tmp_path: Path) -> None:
+    url = redis_server.url.rsplit("/", 1)[0] + "/8"  # a queue no other worker takes from
+    w = Worker(url, tmp_path, tmp_path / "worker.log")
+    try:
+        with make_client(tmp_path, url) as c:
+            job_id = c.post("/trainings", json=job("stopped", minutes=5)).json()["id"]
+            wait_for(lambda: status_of(c, job_id, "")["progress"]["step"] > 0, "the job to train")
+            w.proc.terminate()
+            assert w.proc.wait(timeout=30) is not None  # SIGTERM does not wait for minutes of training
+            done = wait_for(lambda: (s := status_of(c, job_id, ""))["status"] != "running" and s, "the job to end")
+            assert done["status"] == "failed" and "worker stopped" in done["error"]
+            assert not (tmp_path / "stopped").exists()
+    finally:
+        w.stop()
+        with redis.Redis.from_url(url) as r:
+            r.flushdb()
