@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             RateLimiter(settings.rate_limit_per_minute, settings.redis_url) if settings.rate_limit_per_minute else None
         )
         limiter = KeyLimiter(settings.max_running_per_key)
-        reloader = Reloader(registry, engine, compute, settings.models_poll_seconds)
+        reloader = Reloader(registry, engine, settings.models_poll_seconds)
         app.state.services = Services(settings, registry, engine, store, limiter, rate, reloader)
         reloader.start()
         app.state.trainings = Trainings(settings)  # Redis and a local worker are reached at first use

@@ -74,7 +74,7 @@ def test_requests_holding_replaced_weights_find_their_engine_until_it_is_gone(tm
         registry = await compute.run(Registry.load, tmp_path / "models", "m")
         engine = Engine(4, 4, step="torch", compute=compute)
         await engine.start(registry.models)
-        reloader = Reloader(registry, engine, compute, every=0)
+        reloader = Reloader(registry, engine, every=0)
         old = registry.get("m")
         old_engine = engine[old]
         write("m", seed=5)

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from app.engine.compute import Compute
 from app.engine.engine import Engine, ModelEngine
 from app.registry import Changes, Registry
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 RETIRE_CHECK_S = 0.1  # how often a retired engine is checked for running generations
 
 
@@ -31,14 +34,25 @@ class ReloadReport:
     refused: dict[str, str] = field(default_factory=dict)
 
 
+async def off_compute(fn: Callable[..., T], *args: object) -> T:
+    """fn(*args) on a thread of its own, not the compute thread. Loading a checkpoint and building its
+    engine (exporting its kernels, checking their determinism) take seconds, which on the compute thread
+    would stall every running stream; here they only share the cores. The thread ends with the call,
+    and the OpenMP team torch gave it with it."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="models-load")
+    try:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+    finally:
+        pool.shutdown(wait=False)
+
+
 class Reloader:
     """Brings the registry and the engines in line with the models directory, every `every` seconds (0: only
     when asked) and on reload()."""
 
-    def __init__(self, registry: Registry, engine: Engine, compute: Compute, every: float) -> None:
+    def __init__(self, registry: Registry, engine: Engine, every: float) -> None:
         self.registry = registry
         self.engine = engine
-        self.compute = compute
         self.every = every
         self._lock = asyncio.Lock()  # one reload at a time
         self._poll_task: asyncio.Task[None] | None = None
@@ -71,19 +85,21 @@ class Reloader:
         """Scan the directory and serve what changed. A poll skips directories refused as they still are;
         `retry_refused` tries them again (so an explicit reload says why they are refused)."""
         async with self._lock:
-            changes = await self.compute.run(self.registry.scan, retry_refused)
+            changes = await off_compute(self.registry.scan, retry_refused)
             report = ReloadReport(refused=dict(changes.refused))
             for name, ckpt in {**changes.added, **changes.replaced}.items():
                 old = self.engine.engines.get(name)
                 if old is not None:  # requests holding the old checkpoint still find its engine
                     self.engine.retired[id(old.ckpt)] = old
                 try:
-                    await self.engine.start({name: ckpt})
+                    built = await off_compute(self.engine._engine, ckpt)
                 except Exception as e:
                     log.exception("model %s: cannot start its engine", name)
                     report.refused[name] = f"{name}: cannot start its engine ({type(e).__name__}: {e})"
                     self.registry.refused[name] = self.registry.seen.pop(name, ())
                     continue
+                self.engine.engines[name] = built
+                built.start()
                 # no await since the engine took its place: the registry switches in the same step
                 replacing = name in changes.replaced
                 self.registry.apply(Changes(replaced={name: ckpt}) if replacing else Changes(added={name: ckpt}))
