@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from app.training.corpus import (
     normalise,
     prepare_path,
     prepare_text,
+    split_blocks,
     split_by_hash,
 )
 from app.training.sizing import parameters, sized_defaults
@@ -183,3 +185,17 @@ def test_the_data_command_says_what_is_wrong(tmp_path: Path) -> None:
         cli.main(["data", "--text", str(tmp_path / "x.bin"), "--name", "x", "--out", str(tmp_path / "d")])
     with pytest.raises(SystemExit, match="needs --name"):
         cli.main(["data", "--text", str(tmp_path / "x.bin")])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_blocks_cover_the_text_in_order_at_line_starts(seed: int) -> None:
+    rng = random.Random(seed)
+    lines = [rng.choice(["", "x" * rng.randint(1, 300)]) for _ in range(rng.randint(1, 200))]
+    text = "\n".join(lines) + "\n" + "y" * MIN_TEXT_CHARS + "\n"
+    texts, works = split_blocks(text, "t")
+    assert texts["train"] + texts["test"] + texts["val"] == text
+    assert all(texts[s] for s in SPLITS)
+    if "\n" in text[: -MIN_TEXT_CHARS - 1]:  # where a newline is in reach, the cuts come right after one
+        assert texts["train"].endswith("\n") or len(texts["train"]) >= len(text) * 0.85
+    for split in SPLITS:
+        assert works[split][0].startswith("t, lines ")
