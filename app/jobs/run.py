@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 REPORT_SECONDS = 0.5  # progress (and the cancel check) at most this often
 EVAL_EVERY = 50  # steps between validation losses on the curve
+WARMUP_STEPS = 10  # a short job may run only a few hundred steps
 
 
 class Cancelled(Exception):
@@ -40,9 +41,10 @@ def available_cpus() -> int:
 
 
 def batch_shape(train_chars: int) -> tuple[int, int]:
-    """(batch_size, seq_len) for a training split: at least 16 windows per epoch, so a small text still trains."""
-    seq_len = 128 if train_chars >= 200_000 else 64
-    return max(1, min(64, train_chars // (seq_len * 16))), seq_len
+    """(batch_size, seq_len) for a training split: at least 16 windows per epoch, so a small text still trains;
+    small windows, because a job of minutes on a few cores gains more from many updates than from big batches."""
+    seq_len = 64
+    return max(1, min(32, train_chars // (seq_len * 16))), seq_len
 
 
 @dataclass
@@ -136,7 +138,7 @@ def train(store: TrainingStore, job_id: str, workspace: Path) -> dict[str, Any] 
     batch_size, seq_len = batch_shape(m["chars"]["train"])
     cfg = TrainConfig(
         arch=record["arch"], hidden_size=record["hidden_size"], num_layers=record["num_layers"],
-        batch_size=batch_size, seq_len=seq_len, warmup_steps=50, max_steps=10**9, eval_every=EVAL_EVERY,
+        batch_size=batch_size, seq_len=seq_len, warmup_steps=WARMUP_STEPS, max_steps=10**9, eval_every=EVAL_EVERY,
         time_budget_s=record["minutes"] * 60, threads=0,
     )  # fmt: skip
     corpus = {"name": m["name"], "source": m["source"], "works": m["works"], "chars": m["chars"]}
