@@ -9,6 +9,7 @@ finishes the generations it runs (and still reads states for their sessions), th
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -123,7 +124,13 @@ class Reloader:
     def _retire(self, old: ModelEngine) -> None:
         task = asyncio.create_task(self._drain(old), name=f"retire-{old.ckpt.name}")
         self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        task.add_done_callback(self._retired)
+
+    def _retired(self, task: asyncio.Task[None]) -> None:
+        self._retiring.discard(task)
+        # the stopped engine and its loop refer to each other: collect them now, not at some later
+        # collection, so its weights and ONNX Runtime's threads go at once
+        gc.collect()
 
     @staticmethod
     async def _drain(old: ModelEngine) -> None:
