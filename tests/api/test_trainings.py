@@ -156,6 +156,18 @@ def test_a_job_runs_to_success_and_its_model_is_served(client: TestClient, model
     assert g.status_code == 200, g.text
     assert len(g.json()["text"]) == 20
     assert body["id"] in [t["id"] for t in client.get("/trainings", headers=auth()).json()["trainings"]]
+    # the model is its maker's: only that key may replace it, and only when it asks to
+    again = client.post("/trainings", json=job(name), headers=auth())
+    assert again.status_code == 409 and "overwrite" in error_of(again)["message"]
+    theirs = client.post("/trainings", json=job(name, overwrite=True), headers=auth(OTHER_ADMIN))
+    assert theirs.status_code == 409 and "another key" in error_of(theirs)["message"]
+    sha = meta["sha256"]
+    replaced = client.post("/trainings", json=job(name, overwrite=True, arch="lstm"), headers=auth())
+    assert replaced.status_code == 202, replaced.text
+    assert events(client, replaced.json()["id"])[-1][1]["status"] == "succeeded"
+    meta = json.loads((models_dir / name / "meta.json").read_text())
+    assert meta["training_job"] == replaced.json()["id"] and meta["sha256"] != sha
+    wait_for(lambda: client.get(f"/models/{name}", headers=auth()).json()["arch"] == "lstm", "the new weights")
 
 
 def test_cancel_stops_a_running_job_and_a_queued_one(client: TestClient, models_dir: Path, redis_url: str) -> None:
