@@ -178,19 +178,25 @@ class Trainings:
                 f"name: model {spec.name!r} belongs to another key or ships with the service; choose another name",
                 param="name",
             )
+        job_id = "tr-" + secrets.token_hex(12)
         request = {
-            "id": "tr-" + secrets.token_hex(12), "name": spec.name, "owner": owner, "arch": spec.arch,
+            "id": job_id, "name": spec.name, "owner": owner, "arch": spec.arch,
             "hidden_size": spec.hidden_size, "num_layers": spec.num_layers, "minutes": spec.minutes,
             "overwrite": spec.overwrite, "text_chars": len(text), "created_at": time.time(),
         }  # fmt: skip
         record = await self._call(store.create, request, text)
         assert self.connection is not None
         timeout = int(spec.minutes * 60 * 2) + JOB_OVERHEAD_S
-        await self._call(
-            queue(self.connection).enqueue, JOB_FUNCTION, request["id"], job_id=request["id"], job_timeout=timeout,
-            result_ttl=3600, failure_ttl=self.settings.training_ttl,
-        )  # fmt: skip
-        log.info("training job %s queued: %s %s %dx%d, %g min", request["id"], spec.name, spec.arch,
+        try:
+            await self._call(
+                queue(self.connection).enqueue, JOB_FUNCTION, job_id, job_id=job_id,
+                job_timeout=timeout, result_ttl=3600, failure_ttl=self.settings.training_ttl,
+            )  # fmt: skip
+        except UnavailableError:
+            with contextlib.suppress(redis.RedisError):  # a record never queued must not stay 'queued'
+                store.transition(job_id, "failed", ("queued",), error="the job could not be queued")
+            raise
+        log.info("training job %s queued: %s %s %dx%d, %g min", job_id, spec.name, spec.arch,
                  spec.num_layers, spec.hidden_size, spec.minutes)  # fmt: skip
         return record
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -331,3 +332,13 @@ def test_a_worker_stopped_mid_job_stops_it_and_reports_it_failed(redis_server: R
         w.stop()
         with redis.Redis.from_url(url) as r:
             r.flushdb()
+
+
+def test_an_unreachable_redis_is_a_503_in_the_error_shape(models_dir: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once the socket closes
+    with make_client(models_dir, f"redis://127.0.0.1:{port}/0") as c:
+        for r in (c.get("/trainings"), c.post("/trainings", json=job(unique("down")))):
+            assert r.status_code == 503, r.text
+            assert "Redis" in error_of(r)["message"]
