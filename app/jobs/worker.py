@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import signal
-from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -19,7 +18,6 @@ import redis
 from rq import Queue, Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
-from rq.utils import now
 
 from app.config import Settings
 from app.jobs.run import workspace_of
@@ -40,6 +38,7 @@ class TrainingWorker(Worker):
     and which removes a job's workspace however its process ended (a cancel kills it)."""
 
     models_dir: Path = Path("models")
+    stopping = False  # a SIGTERM or SIGINT came: the job's end is the worker's doing
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         try:
@@ -47,9 +46,23 @@ class TrainingWorker(Worker):
         finally:
             shutil.rmtree(workspace_of(self.models_dir, job.id), ignore_errors=True)
 
+    def subscribe(self) -> None:
+        # RQ's own subscribe, but its listener wakes every second (RQ's waits up to 60 s in one read, and its
+        # unsubscribe at shutdown can wait that long for it)
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]
+            sleep_time=1, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
+
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
-        self._shutdown_requested_date = now() - timedelta(seconds=2)  # RQ ignores a second signal within 1 s
-        self.request_force_stop(signum, frame)
+        # RQ's warm shutdown, then the job's process killed (a syscall: no Redis call that could deadlock
+        # in a signal handler); the work loop sees the process end and the shutdown request, and returns
+        self.stopping = True
+        super().request_stop(signum, frame)
+        if self.horse_pid:
+            self.kill_horse()
 
 
 def run(settings: Settings) -> None:
@@ -60,9 +73,13 @@ def run(settings: Settings) -> None:
     store = TrainingStore.from_url(settings.redis_url, settings.training_ttl)
 
     def horse_died(job: Any, pid: int, status: int, rusage: Any) -> None:
-        how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit status {status}"
-        log.error("job %s: its process ended unexpectedly (%s)", job.id, how)
-        store.transition(job.id, "failed", ("running",), error=f"the training process ended unexpectedly ({how})")
+        if worker.stopping:
+            error = "the worker stopped during training"
+        else:
+            how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit status {status}"
+            error = f"the training process ended unexpectedly ({how})"
+        log.error("job %s: %s", job.id, error)
+        store.transition(job.id, "failed", ("running",), error=error)
 
     worker = TrainingWorker(
         [queue(connection)], connection=connection, serializer=JSONSerializer, work_horse_killed_handler=horse_died
