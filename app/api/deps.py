@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 from starlette.requests import HTTPConnection
@@ -13,8 +13,11 @@ from starlette.requests import HTTPConnection
 from app.api.ratelimit import RateLimiter
 from app.config import Settings
 from app.engine.engine import Engine
-from app.errors import AuthenticationError, OverloadedError
+from app.errors import AuthenticationError, ForbiddenError, OverloadedError
 from app.registry import Registry
+
+if TYPE_CHECKING:
+    from app.api.reload import Reloader
 from app.sessions.store import SessionStore
 
 
@@ -51,6 +54,7 @@ class Services:
     store: SessionStore
     limiter: KeyLimiter
     rate: RateLimiter | None = None
+    reloader: Reloader | None = None  # follows the models directory
 
 
 def get_services(conn: HTTPConnection) -> Services:
@@ -67,25 +71,51 @@ def owner_of(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+def bearer_token(conn: HTTPConnection) -> str:
+    scheme, _, token = conn.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def matching_key(token: str, keys: list[str]) -> str:
+    """The key equal to `token`, or ""; every key is compared in constant time, so timing does not tell which."""
+    matched = ""
+    for key in keys:
+        if hmac.compare_digest(token.encode(), key.encode()):
+            matched = key
+    return matched
+
+
 def authenticate(conn: HTTPConnection, token: str | None = None) -> str:
     """The caller's owner name ("" with authentication off); AuthenticationError without a valid key.
 
-    `token` is taken from the Authorization header unless given. Keys are compared in constant time.
+    `token` is taken from the Authorization header unless given. Admin keys are API keys too.
     """
-    keys = get_services(conn).settings.api_key_list
+    settings = get_services(conn).settings
+    keys = settings.api_key_list
     if not keys:
         return ""
-    if token is None:
-        scheme, _, token = conn.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
-            token = ""
-    matched = ""
-    for key in keys:  # every key is compared, so timing does not tell which matched
-        if hmac.compare_digest(token.strip().encode(), key.encode()):
-            matched = key
+    matched = matching_key((bearer_token(conn) if token is None else token).strip(), keys + settings.admin_key_list)
     if not matched:
         raise AuthenticationError("missing or invalid API key: send 'Authorization: Bearer <key>'")
     return owner_of(matched)
+
+
+async def require_admin(request: Request) -> str:
+    """Only admin keys (RNNSERVE_ADMIN_KEYS) pass; with API keys but no admin keys nobody does (403); with no
+    keys at all everybody does (local use). The caller's owner name ("" when open)."""
+    settings = get_services(request).settings
+    admin = settings.admin_key_list
+    if not admin and not settings.api_key_list:
+        return ""
+    token = bearer_token(request)
+    matched = matching_key(token, admin)
+    if matched:
+        return owner_of(matched)
+    if not matching_key(token, settings.api_key_list):
+        raise AuthenticationError("missing or invalid admin key: send 'Authorization: Bearer <key>'")
+    if not admin:
+        raise ForbiddenError("this route is off: API keys are set but no admin keys (RNNSERVE_ADMIN_KEYS)")
+    raise ForbiddenError("this route needs an admin key (RNNSERVE_ADMIN_KEYS); an API key is not enough")
 
 
 async def require_owner(request: Request) -> str:
@@ -99,3 +129,4 @@ async def require_owner(request: Request) -> str:
 
 ServicesDep = Annotated[Services, Depends(services)]
 OwnerDep = Annotated[str, Depends(require_owner)]
+AdminDep = Annotated[str, Depends(require_admin)]

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.errors import (
     AuthenticationError,
     ConflictError,
+    ForbiddenError,
     InvalidRequestError,
     NotFoundError,
     OverloadedError,
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 STATUS: dict[type[RnnserveError], int] = {
     InvalidRequestError: 422,
     AuthenticationError: 401,
+    ForbiddenError: 403,
     NotFoundError: 404,
     ConflictError: 409,
     PayloadTooLargeError: 413,

@@ -216,3 +216,60 @@ class Readiness(BaseModel):
     models: int
     store: str
     store_ok: bool
+
+
+class TrainingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        max_length=64,
+        description="Name of the model to make (models/NAME/): letters, digits, '-' or '_', starting with a "
+        "letter or digit.",
+    )
+    text: str = Field(description="The text to learn from (UTF-8; at most RNNSERVE_MAX_TRAINING_TEXT_BYTES).")
+    arch: Literal["rnn", "lstm", "gru"] = Field("lstm", description="Recurrent cell.")
+    hidden_size: int = Field(256, ge=8, description="Units per layer, 8..RNNSERVE_MAX_TRAINING_HIDDEN_SIZE.")
+    num_layers: int = Field(2, ge=1, description="Stacked layers, 1..RNNSERVE_MAX_TRAINING_LAYERS.")
+    minutes: float = Field(2.0, gt=0, description="Training time, up to RNNSERVE_MAX_TRAINING_MINUTES.")
+    overwrite: bool = Field(False, description="Replace an existing model of this name that this key trained.")
+
+
+class TrainingProgress(BaseModel):
+    step: int
+    chars: int = Field(description="Characters trained on so far.")
+    train_loss: float | None = Field(description="Training loss (smoothed), nats/char.")
+    val_loss: float | None = Field(description="Latest loss on the held-out validation text, nats/char.")
+    elapsed_s: float = Field(description="Seconds of training so far (evaluations not counted).")
+    chars_per_s: float | None = None
+
+
+class TrainingPoint(BaseModel):
+    step: int
+    elapsed_s: float
+    train_loss: float | None
+    val_loss: float | None
+
+
+class Training(BaseModel):
+    id: str
+    name: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    arch: str
+    hidden_size: int
+    num_layers: int
+    minutes: float
+    overwrite: bool
+    text_chars: int
+    progress: TrainingProgress
+    curve: list[TrainingPoint] = Field(description="The loss curve so far (thinned to at most 200 points).")
+    error: str | None = Field(description="Why the job failed.")
+    metrics: dict[str, float] | None = Field(
+        description="Held-out nats/char and bits/char of the finished model (val_*, test_*)."
+    )
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+class TrainingList(BaseModel):
+    trainings: list[Training]

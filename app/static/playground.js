@@ -177,8 +177,8 @@ document.addEventListener("keydown", (e) => {
   if (e.key === "Escape" && state.running) $("cancel").click();
 });
 
-// Tabs: Generate, Explorer, Compare; the URL's #explorer / #compare opens one directly.
-const TABS = ["playground", "explorer", "compare"];
+// Tabs: Generate, Explorer, Compare, Train; the URL's #explorer / #compare / #train opens one directly.
+const TABS = ["playground", "explorer", "compare", "train"];
 function activeTab() { return TABS.find((t) => !$("panel-" + t).hidden) || "playground"; }
 function selectTab(name, focus) {
   for (const t of TABS) {

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -275,8 +276,12 @@ class Trainer:
         out_of_time = self.cfg.time_budget_s is not None and self.elapsed >= self.cfg.time_budget_s
         return self.step >= self.cfg.max_steps or out_of_time
 
-    def train(self, progress: bool = True) -> float:
-        """Train until max_steps or the time budget; returns the best validation loss."""
+    def train(self, progress: bool = True, on_step: Callable[[float | None], None] | None = None) -> float:
+        """Train until max_steps or the time budget; returns the best validation loss.
+
+        `on_step` is called after every step with the validation loss when one was just measured
+        (else None); an exception it raises ends the run.
+        """
         cfg = self.cfg
         self.model.train()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not progress, dynamic_ncols=True)
@@ -306,6 +311,7 @@ class Trainer:
             self.smoothed = smoothed
             bar.update(1)
             bar.set_postfix(loss=f"{smoothed:.3f}", chars_s=f"{window_chars / max(dt, 1e-9):.0f}")
+            val: float | None = None
             if self.step % cfg.eval_every == 0 or self.finished:
                 val = self.evaluate()
                 self.curve.append(
@@ -322,6 +328,8 @@ class Trainer:
                     self.save_best(val)
                 self.save_state()
                 tick = time.perf_counter()  # evaluation time is not training time
+            if on_step is not None:
+                on_step(val)
         bar.close()
         return self.best_val
 

@@ -39,6 +39,8 @@ PUBLIC = {
     ("GET", "/"),
     ("GET", "/static"),  # the mount; its files are fetched below
 }
+# Admin routes: only admin keys (RNNSERVE_ADMIN_KEYS); with API keys but no admin keys, 403 for every key.
+ADMIN_PREFIXES = ("/admin/", "/trainings")
 # WebSocket routes authenticate at connect time (Authorization header or a first "auth" message).
 WEBSOCKETS = {"/ws/generate"}
 
@@ -78,7 +80,8 @@ def websocket_routes() -> set[str]:
 
 
 HTTP_ROUTES = http_routes()
-PROTECTED = [r for r in HTTP_ROUTES if r not in OPEN and r not in PUBLIC]
+ADMIN = [r for r in HTTP_ROUTES if r[1].startswith(ADMIN_PREFIXES)]
+PROTECTED = [r for r in HTTP_ROUTES if r not in OPEN and r not in PUBLIC and r not in ADMIN]
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -154,6 +157,7 @@ def test_every_route_is_classified() -> None:
                   ("GET", "/models"), ("GET", "/models/{name}"), ("POST", "/v1/completions"),
                   ("GET", "/v1/models"), ("POST", "/inspect")]:  # fmt: skip
         assert route in PROTECTED
+    assert ("POST", "/admin/models/reload") in ADMIN
 
 
 # -- protected routes: 401 without a valid key, not 401 with one ------------------------------------
@@ -195,6 +199,23 @@ def test_an_unauthenticated_bad_body_is_not_parsed_before_the_key_is_checked(key
 def test_an_unauthenticated_invalid_json_body_is_401(keyed: TestClient) -> None:
     response = keyed.post("/generate", content=b"{not json", headers={"Content-Type": "application/json"})
     assert_401(response)
+
+
+@pytest.mark.parametrize("key", [KEY_A, KEY_B])
+@pytest.mark.parametrize(("method", "path"), ADMIN, ids=[f"{m} {p}" for m, p in ADMIN])
+def test_admin_route_with_api_keys_but_no_admin_keys_is_403(
+    keyed: TestClient, method: str, path: str, key: str
+) -> None:
+    response = call(keyed, method, path, bearer(key))
+    assert response.status_code == 403, response.text
+    assert error_of(response)["type"] == "permission_error"
+    assert "RNNSERVE_ADMIN_KEYS" in error_of(response)["message"]
+
+
+@pytest.mark.parametrize(("method", "path"), ADMIN, ids=[f"{m} {p}" for m, p in ADMIN])
+def test_admin_route_without_a_valid_key_is_401(keyed: TestClient, method: str, path: str) -> None:
+    assert_401(call(keyed, method, path, bearer(WRONG)))
+    assert_401(call(keyed, method, path, {}))
 
 
 # -- open and public routes -------------------------------------------------------------------------

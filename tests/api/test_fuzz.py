@@ -37,6 +37,7 @@ CHECKS = [
     checks.response_schema_conformance,
 ]
 FRESH = "<a session made for this case>"  # replaced by a new session just before the call
+FRESH_TRAINING = "<a training job queued for this case>"  # replaced by a new job just before the call
 
 
 def settings_for(models_dir: Path) -> Settings:
@@ -88,6 +89,28 @@ def new_session(server: LiveServer, http: requests.Session, model: str = "tiny-l
     return str(r.json()["session_id"])
 
 
+@pytest.fixture(scope="module")
+def training_pool(server: LiveServer, http: requests.Session) -> list[str]:
+    """Finished training jobs (their text is too small to train on), for cases that name one."""
+    jobs = [new_training(server, http) for _ in range(2)]
+    deadline = time.monotonic() + 120
+    for job in jobs:
+        while http.get(f"{server.url}/trainings/{job}", timeout=30).json()["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, "the training jobs of the pool did not finish"
+            time.sleep(0.2)
+    return jobs
+
+
+def new_training(server: LiveServer, http: requests.Session) -> str:
+    body = {"name": f"fuzz-{time.monotonic_ns()}", "text": "A", "hidden_size": 8, "minutes": 0.01}
+    deadline = time.monotonic() + 60
+    while (r := http.post(f"{server.url}/trainings", json=body, timeout=30)).status_code == 429:
+        assert time.monotonic() < deadline, r.text  # jobs per key: wait for the earlier ones to fail
+        time.sleep(0.2)
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
 def in_vocab(text: object) -> str:
     return "".join(c for c in text if c in TINY_VOCAB) if isinstance(text, str) else ""
 
@@ -100,9 +123,15 @@ OWNED = {"sample": ("temperature", "top_k", "top_p", "min_p"), "beam": ("beam_wi
 
 
 @st.composite
-def steered(draw: st.DrawFn, positive: st.SearchStrategy[Any], pool: list[str]) -> Any:
-    """A positive case nudged towards a 2xx: real model, in-vocabulary text, live session, matching parameters."""
+def steered(
+    draw: st.DrawFn, positive: st.SearchStrategy[Any], pool: list[str], trainings: list[str] | None = None
+) -> Any:
+    """A positive case nudged towards a 2xx: real model, in-vocabulary text, live session, matching parameters,
+    a training job of this key (a queued one to cancel)."""
     case = draw(positive)
+    if "training_id" in case.path_parameters and trainings:
+        fresh = [FRESH_TRAINING] if case.method.upper() == "DELETE" else []
+        case.path_parameters["training_id"] = draw(st.sampled_from([*trainings, *fresh]))
     model = draw(st.sampled_from(MODELS))
     session = draw(st.sampled_from([*pool, FRESH, None]))
     if "name" in case.path_parameters:
@@ -148,10 +177,14 @@ def test_operation_conforms_to_its_schema(
     session_pool: list[str],
     method: str,
     path: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     operation = schema[path][method]
     positive = operation.as_strategy(GenerationMode.POSITIVE)
-    cases = st.one_of(positive, operation.as_strategy(GenerationMode.NEGATIVE), steered(positive, session_pool))
+    trainings = request.getfixturevalue("training_pool") if "{training_id}" in path else None
+    cases = st.one_of(
+        positive, operation.as_strategy(GenerationMode.NEGATIVE), steered(positive, session_pool, trainings)
+    )
     statuses: Counter[int] = Counter()
 
     @settings(
@@ -166,6 +199,8 @@ def test_operation_conforms_to_its_schema(
             case.body = {**case.body, "session_id": new_session(server, http)}
         if case.path_parameters.get("session_id") == FRESH:
             case.path_parameters["session_id"] = new_session(server, http)
+        if case.path_parameters.get("training_id") == FRESH_TRAINING:
+            case.path_parameters["training_id"] = new_training(server, http)
         response = case.call_and_validate(base_url=server.url, session=http, checks=CHECKS, timeout=30)
         statuses[response.status_code] += 1
 
