@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 NGINX_CONF = REPO_ROOT / "deploy" / "nginx.conf"
 # a restart waits 1 s, then twice as long after each exit that came within STABLE_SECONDS of its start
 BACKOFF_FIRST = 1.0
