@@ -342,7 +342,7 @@ def start_cluster(
     split_cpus: bool = True,
     log: Callable[[str], None] = say,
 ) -> Cluster:
-    """Starts Redis, the replicas and nginx, each once the one before is ready, then supervises them.
+    """Starts Redis, the replicas, a training worker and nginx, each once the one before is ready, then supervises them.
 
     `env` adds to (or overrides) the replicas' environment; RNNSERVE_REDIS_URL is always the
     cluster's Redis. With `split_cpus` each replica runs on cores of its own (`cpu_shares`); a
@@ -398,6 +398,9 @@ def start_cluster(
             if share.cpus and taskset is not None:
                 args = [taskset, "--cpu-list", ",".join(map(str, share.cpus)), *args]
             cluster.children.append(spawn(f"api-{i}", args, workdir / f"api-{i}.log", child_env))
+        # training jobs (POST /trainings) run here, niced below the replicas, as compose's `trainer`
+        trainer = [shutil.which("nice") or "nice", "-n", "10", sys.executable, "-m", "app.cli", "worker"]
+        cluster.children.append(spawn("trainer", trainer, workdir / "trainer.log", base_env))
         for url, child in zip(cluster.replica_urls, cluster.replicas, strict=True):
             wait_until(functools.partial(http_ok, f"{url}/readyz"), child, f"{child.name} ({url})", startup_timeout)
 
@@ -433,6 +436,7 @@ def serve(port: int, host: str, replicas: int, redis_port: int | None, workdir: 
         ):
             print(f"replica {i}      {url}  ({share.describe()}; log {child.log})")
         print(f"redis          {cluster.redis_url}  (appendonly, in {cluster.workdir / 'redis'})")
+        print(f"trainer        rnnserve worker  (training jobs; log {cluster.workdir / 'trainer.log'})")
         print("A process that exits is restarted; Ctrl-C stops them all.", flush=True)
         try:
             while True:

@@ -65,7 +65,7 @@ def post(url: str, **body: Any) -> dict[str, Any]:
 
 
 def test_topology(cluster: Cluster) -> None:
-    assert [c.name for c in cluster.children] == ["redis", "api-1", "api-2", "nginx"]
+    assert [c.name for c in cluster.children] == ["redis", "api-1", "api-2", "trainer", "nginx"]
     assert len(cluster.replica_urls) == 2 and cluster.url not in cluster.replica_urls
     port = int(cluster.redis_url.rsplit(":", 1)[1].split("/")[0])
     with redis.Redis(port=port) as r:
