@@ -6,8 +6,11 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import redis
 
 from app.tools.cluster import Child, redis_pong, spawn, wait_until
 
@@ -40,14 +43,6 @@ def cluster_ports(n: int) -> list[int]:
             s.close()
 
 
-def redis_cli(port: int, *args: str, timeout: float = 10.0) -> str:
-    cli = shutil.which("redis-cli")
-    if cli is None:
-        raise RuntimeError("no redis-cli on PATH")
-    result = subprocess.run([cli, "-p", str(port), *args], capture_output=True, text=True, timeout=timeout)
-    return result.stdout
-
-
 @dataclass
 class RedisCluster:
     """A running cluster: `url` for RNNSERVE_REDIS_URL (with RNNSERVE_REDIS_CLUSTER=true); `stop()` ends it."""
@@ -60,34 +55,71 @@ class RedisCluster:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.ports[0]}/0"
 
+    def client(self, port: int) -> redis.Redis:
+        """A plain (not cluster-aware) client of the node on `port`; close it after use."""
+        return redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=2, decode_responses=True)
+
+    def query(self, port: int, *command: str) -> str:
+        with self.client(port) as r:
+            return str(r.execute_command(*command))
+
     def alive_ports(self) -> list[int]:
         return [p for p, child in self.nodes.items() if child.alive()]
 
     def roles(self) -> dict[int, str]:
-        """Port -> "master" or "replica" of every node the live ones know of, failed ones left out."""
+        """Port -> "master" or "replica" of every node a live one knows of, failed ones left out."""
         found: dict[int, str] = {}
-        for port in self.alive_ports():
-            for line in redis_cli(port, "cluster", "nodes").splitlines():
-                fields = line.split()
-                if len(fields) < 3 or "fail" in fields[2].split(","):
-                    continue
-                node_port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
-                found[node_port] = "master" if "master" in fields[2].split(",") else "replica"
-            if found:
-                return found
+        for line in self.query(self.alive_ports()[0], "CLUSTER", "NODES").splitlines():
+            flags = line.split()[2].split(",")
+            if "fail" not in flags:
+                node_port = int(line.split()[1].split("@")[0].rsplit(":", 1)[1])
+                found[node_port] = "master" if "master" in flags else "replica"
         return found
 
     def masters(self) -> list[int]:
         return sorted(p for p, role in self.roles().items() if role == "master")
 
+    def master_of(self, key: str) -> int:
+        """The port of the master that serves `key`'s slot."""
+        with self.client(self.alive_ports()[0]) as r:
+            slot = int(r.execute_command("CLUSTER", "KEYSLOT", key))
+            return next(int(s[2][1]) for s in r.execute_command("CLUSTER", "SLOTS") if s[0] <= slot <= s[1])
+
     def healthy(self) -> bool:
-        """Every live node says the cluster is ok (every slot served) and no node is marked failed."""
+        """Every live node says the cluster is ok (every slot served by a master that is not failed)."""
         ports = self.alive_ports()
-        return bool(ports) and all("cluster_state:ok" in redis_cli(p, "cluster", "info") for p in ports)
+        return bool(ports) and all("cluster_state:ok" in self.query(p, "CLUSTER", "INFO") for p in ports)
+
+    def in_sync(self, master: int) -> bool:
+        """The master on `master` has a replica online that holds everything it wrote."""
+        with self.client(master) as r:
+            info = r.info("replication")
+        replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+        return any(rep["state"] == "online" and rep["offset"] == info["master_repl_offset"] for rep in replicas)
+
+    def replicas_in_sync(self) -> bool:
+        masters = self.masters()
+        return len(masters) == len(self.ports) // 2 and all(self.in_sync(m) for m in masters)
 
     def failed_over(self, port: int) -> bool:
         """The master that was on `port` is replaced: another node serves its slots, the cluster is ok."""
-        return port not in self.masters() and self.healthy()
+        try:
+            return port not in self.masters() and self.healthy()
+        except redis.RedisError:  # a node too busy to answer in time: not yet
+            return False
+
+    def wait(self, ready: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+        """Polls `ready` (a node that does not answer yet counts as not ready) until it holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if ready():
+                    return
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what}: not so after {timeout:.0f}s; logs in {self.directory}")
+            time.sleep(0.1)
 
     def kill(self, port: int) -> None:
         """kill -9 of the node on `port`."""
@@ -107,14 +139,15 @@ class RedisCluster:
 
 
 def start_redis_cluster(
-    directory: Path, masters: int = 3, node_timeout_ms: int = 2000, timeout: float = 60.0
+    directory: Path, masters: int = 3, node_timeout_ms: int = 2000, durable: bool = True, timeout: float = 60.0
 ) -> RedisCluster:
-    """Starts 2 x `masters` nodes (append-only, fsync on every write) and joins them, a replica per
-    master; returns once every slot is served and every replica is in sync with its master.
-    `node_timeout_ms` is how long a silent master has before its replica takes over."""
-    server = shutil.which("redis-server")
-    if server is None:
-        raise RuntimeError("no redis-server on PATH")
+    """Starts 2 x `masters` nodes and joins them, a replica per master; returns once every slot is served
+    and every replica holds all its master wrote. `node_timeout_ms` is how long a silent master has
+    before its replica takes over; `durable` nodes keep an append-only file, fsynced on every write."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if server is None or cli is None:
+        raise RuntimeError("no redis-server or redis-cli on PATH")
+    persistence = ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
     cluster = RedisCluster(directory, cluster_ports(2 * masters))
     try:
         for port in cluster.ports:
@@ -122,27 +155,18 @@ def start_redis_cluster(
             node_dir.mkdir(parents=True, exist_ok=True)
             args = [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir),
                     "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                    "--cluster-node-timeout", str(node_timeout_ms), "--appendonly", "yes",
-                    "--appendfsync", "always", "--save", "", "--loglevel", "warning"]  # fmt: skip
+                    "--cluster-node-timeout", str(node_timeout_ms), *persistence, "--save", "",
+                    "--loglevel", "warning"]  # fmt: skip
             child = spawn(f"redis-{port}", args, node_dir / "redis.log")
             cluster.nodes[port] = child
             wait_until(lambda p=port: redis_pong(p), child, f"redis-server on {port}", 10)  # type: ignore[misc]
-        addresses = [f"127.0.0.1:{p}" for p in cluster.ports]
-        created = redis_cli(cluster.ports[0], "--cluster", "create", *addresses, "--cluster-replicas", "1",
-                            "--cluster-yes", timeout=timeout)  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while not (cluster.healthy() and replicas_in_sync(cluster)):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Redis Cluster not ready after {timeout:.0f}s:\n{created[-2000:]}")
-            time.sleep(0.2)
+        create = [cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in cluster.ports],
+                  "--cluster-replicas", "1", "--cluster-yes"]  # fmt: skip
+        created = subprocess.run(create, capture_output=True, text=True, timeout=timeout)
+        if created.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{(created.stdout + created.stderr)[-2000:]}")
+        cluster.wait(lambda: cluster.healthy() and cluster.replicas_in_sync(), "every slot served, replicas in sync")
     except BaseException:
         cluster.stop()
         raise
     return cluster
-
-
-def replicas_in_sync(cluster: RedisCluster) -> bool:
-    replicas = [p for p, role in cluster.roles().items() if role == "replica"]
-    return len(replicas) == len(cluster.ports) // 2 and all(
-        "master_link_status:up" in redis_cli(p, "info", "replication") for p in replicas
-    )

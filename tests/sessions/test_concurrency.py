@@ -11,16 +11,16 @@ import pytest
 
 from app.config import Settings
 from app.sessions.record import TAIL_CHARS
+from app.tools.redis_cluster import RedisCluster
 from tests.api.conftest import LiveServer, error_of
 from tests.conftest import RedisServer
-from tests.sessions.conftest import RedisClusterNodes
 
 CLIENTS = 32
 
 
 @pytest.mark.parametrize("cluster", [False, True], ids=["redis", "redis-cluster"])
 def test_32_concurrent_continuations(tiny_models_dir: Path, cluster: bool, request: pytest.FixtureRequest) -> None:
-    redis: RedisServer | RedisClusterNodes = request.getfixturevalue("redis_cluster" if cluster else "redis_server")
+    redis: RedisServer | RedisCluster = request.getfixturevalue("redis_cluster" if cluster else "redis_server")
     settings = Settings(
         models_dir=tiny_models_dir, default_model="tiny-gru", redis_url=redis.url, redis_cluster=cluster
     )

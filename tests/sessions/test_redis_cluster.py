@@ -10,15 +10,16 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.sessions.redis_store import PREFIX
+from app.tools.redis_cluster import RedisCluster
 from tests.api.conftest import error_of
-from tests.sessions.conftest import CELLS, ClientFactory, RedisClusterNodes
+from tests.sessions.conftest import CELLS, ClientFactory
 
 PROMPTS = ("First Citizen:\n", "All:\nSpeak, speak.", "You are all resolved", "We know't, we know't.")
 FAILOVER_SECONDS = 30
 
 
 @pytest.fixture
-def on_cluster(make_client: ClientFactory, redis_cluster: RedisClusterNodes) -> TestClient:
+def on_cluster(make_client: ClientFactory, redis_cluster: RedisCluster) -> TestClient:
     return make_client(redis_url=redis_cluster.url, redis_cluster=True)
 
 
@@ -34,7 +35,7 @@ def info(client: TestClient, session_id: str) -> dict[str, Any]:
     return response.json()
 
 
-def test_sessions_on_every_shard_continue_exactly(on_cluster: TestClient, redis_cluster: RedisClusterNodes) -> None:
+def test_sessions_on_every_shard_continue_exactly(on_cluster: TestClient, redis_cluster: RedisCluster) -> None:
     masters = set()
     for model in CELLS:
         for prompt in PROMPTS:
@@ -63,7 +64,7 @@ def test_fork_and_delete_on_a_cluster(on_cluster: TestClient) -> None:
     assert info(on_cluster, forks[0].json()["session_id"])["chars"] == len(PROMPTS[0]) + 30
 
 
-def test_a_session_expires_after_its_ttl_on_a_cluster(on_cluster: TestClient, redis_cluster: RedisClusterNodes) -> None:
+def test_a_session_expires_after_its_ttl_on_a_cluster(on_cluster: TestClient, redis_cluster: RedisCluster) -> None:
     short = generate(on_cluster, prompt=PROMPTS[1], max_tokens=5, session_ttl=1)["session_id"]
     long = generate(on_cluster, prompt=PROMPTS[1], max_tokens=5)["session_id"]
     got = info(on_cluster, short)
@@ -78,9 +79,7 @@ def test_a_session_expires_after_its_ttl_on_a_cluster(on_cluster: TestClient, re
     assert info(on_cluster, long)["chars"] == len(PROMPTS[1]) + 5
 
 
-def test_the_rate_limit_is_shared_through_a_cluster(
-    make_client: ClientFactory, redis_cluster: RedisClusterNodes
-) -> None:
+def test_the_rate_limit_is_shared_through_a_cluster(make_client: ClientFactory, redis_cluster: RedisCluster) -> None:
     settings = {"redis_url": redis_cluster.url, "redis_cluster": True, "api_keys": "a", "rate_limit_per_minute": 4}
     replicas = [make_client(**settings), make_client(**settings)]
     if time.time() % 60 > 55:  # the six requests must fall in one minute's window
@@ -90,7 +89,7 @@ def test_the_rate_limit_is_shared_through_a_cluster(
 
 
 def test_a_master_killed_mid_service_fails_over_and_the_same_server_serves_every_session_again(
-    make_client: ClientFactory, own_redis_cluster: RedisClusterNodes
+    make_client: ClientFactory, own_redis_cluster: RedisCluster
 ) -> None:
     cluster = own_redis_cluster
     client = make_client(redis_url=cluster.url, redis_cluster=True)
