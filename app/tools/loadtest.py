@@ -311,6 +311,22 @@ class Load:
         self.tally.sessions[sid] = Booked(usage["prompt_chars"] + usage["completion_chars"])
         return reply, sid
 
+    async def one_off(self, kind: int, prompt: str, max_tokens: int, seed: int, sid: str) -> tuple[str, Reply]:
+        """Kinds 1, 2, 4 and 5 of the fault scenarios' mix (0 and 3 continue `sid`): a greedy generation,
+        a sampled stream, a score from `sid`'s state, a score alone; returns the op's name and its reply."""
+        if kind == 1:
+            op = "generate_greedy"
+            return op, await self.call(
+                op, "POST", "/generate", self.generate(prompt, max_tokens, "greedy", save_session=False)
+            )
+        if kind == 2:
+            op = "stream_sample"
+            return op, await self.stream(op, self.generate(prompt, max_tokens, "sample", seed=seed, save_session=False))
+        if kind == 4:
+            op = "score_session"
+            return op, await self.call(op, "POST", "/score", {"model": self.model, "text": prompt, "session_id": sid})
+        return "score", await self.call("score", "POST", "/score", {"model": self.model, "text": prompt})
+
     async def continue_session(self, sid: str, prompt: str, max_tokens: int, streamed: bool = False) -> Reply:
         """Continue `sid`, booking the outcome: accepted, refused, or unknown."""
         body = self.generate(prompt, max_tokens, "sample" if streamed else "greedy", session_id=sid)
@@ -539,19 +555,8 @@ async def outage(load: Load, cfg: Config, redis: Redis) -> None:
                 # it answers: a 409 after that grace means a session stayed locked
                 if reply.status == 409 and restarted.is_set() and time.monotonic() - (load.redis_restarted or 0) > 2:
                     locked.add(sid)
-            elif kind == 1:
-                op = "generate_greedy"
-                reply = await load.call(
-                    op, "POST", "/generate", load.generate(prompt, mt, "greedy", save_session=False)
-                )
-            elif kind == 2:
-                op = "stream_sample"
-                reply = await load.stream(op, load.generate(prompt, mt, "sample", seed=i, save_session=False))
-            elif kind == 4:
-                op = "score_session"
-                reply = await load.call(op, "POST", "/score", {"model": load.model, "text": prompt, "session_id": sid})
             else:
-                op, reply = "score", await load.call("score", "POST", "/score", {"model": load.model, "text": prompt})
+                op, reply = await load.one_off(kind, prompt, mt, i, sid)
             last[c] = (op, reply.status)
             if restarted.is_set() and reply.ok and op not in STATELESS_OPS and "recovered_s" not in t.notes:
                 t.notes["recovered_s"] = round(time.monotonic() - (load.redis_restarted or 0), 2)
@@ -676,17 +681,8 @@ async def session_client(load: Load, cfg: Config, c: int, done: list[Timed], run
             reply = await load.continue_session(sid, "" if i % 2 else " ", mt, streamed=kind == 3)
             if not reply.ok:
                 sid = None
-        elif kind == 1:
-            op = "generate_greedy"
-            reply = await load.call(op, "POST", "/generate", load.generate(prompt, mt, "greedy", save_session=False))
-        elif kind == 2:
-            op = "stream_sample"
-            reply = await load.stream(op, load.generate(prompt, mt, "sample", seed=i, save_session=False))
-        elif kind == 4:
-            op = "score_session"
-            reply = await load.call(op, "POST", "/score", {"model": load.model, "text": prompt, "session_id": sid})
         else:
-            op, reply = "score", await load.call("score", "POST", "/score", {"model": load.model, "text": prompt})
+            op, reply = await load.one_off(kind, prompt, mt, i, sid)
         done.append(Timed(op, sent, time.monotonic(), reply))
         if reply.status == 503:
             await asyncio.sleep(0.05)
