@@ -97,6 +97,12 @@ def readme_models(models_dir: Path, bench: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _times(ours: float, naive: float, higher_is_better: bool) -> str:
+    """How many times better rnnserve is: chars/s over the naive's, or the naive's latency over ours."""
+    ratio = ours / naive if higher_is_better else naive / ours
+    return f"{ratio:,.1f}x" if ratio < 10 else f"{ratio:,.0f}x"
+
+
 def readme_bench(bench: dict[str, Any]) -> str:
     """The README's headline benchmark: rnnserve against the naive baseline, a row per model."""
     rows = [
@@ -115,7 +121,8 @@ def readme_bench(bench: dict[str, Any]) -> str:
             (ours["ttfc_ms"].get("128", [None])[0], naive["ttfc_ms"].get("128", [None])[0]),
             (ours["continuation_ms"].get("100000"), naive["continuation_ms"].get("100000")),
         ]
-        shown = ["-" if a is None or b is None else f"{a:,.0f} (naive {b:,.0f})" for a, b in cells]
+        shown = ["-" if a is None or b is None else f"{a:,.0f} (naive {b:,.0f}, {_times(a, b, i < 2)})"
+                 for i, (a, b) in enumerate(cells)]  # fmt: skip
         rows.append(f"| {model} | " + " | ".join(shown) + " |")
     return "\n".join(rows)
 

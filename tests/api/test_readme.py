@@ -120,7 +120,7 @@ def test_a_new_setting_makes_the_table_stale(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_readme_headline_comes_from_the_benchmark_json() -> None:
     body = readme.read_section(README.read_text(), "readme-bench")
-    assert re.search(r"\| shakespeare-lstm \| [\d,]+ \(naive [\d,]+\) \|", body)
+    assert re.search(r"\| shakespeare-lstm \| [\d,]+ \(naive [\d,]+, [\d,.]+x\) \|", body)
 
 
 # -- commands ------------------------------------------------------------------------------------------
