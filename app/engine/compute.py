@@ -2,9 +2,9 @@
 
 torch's CPU kernels give each calling thread its own OpenMP thread team. One calling thread keeps one
 team, sized to the CPUs the process may use (app.cpus): its threads never outnumber those CPUs, so a
-prompt's whole-sequence pass runs at full speed, and they wait passively (app/__init__.py) for the
-cores a busy machine leaves them. The models share the thread, so long work runs in slices: a
-generation's trip, a chunk of a prompt, a step of a beam search.
+prompt's whole-sequence pass runs at full speed, and between regions they spin only briefly
+(app/__init__.py), leaving a busy machine's cores to whoever needs them. The models share the thread,
+so long work runs in slices: a generation's trip, a chunk of a prompt, a step of a beam search.
 """
 
 from __future__ import annotations
