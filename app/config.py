@@ -84,7 +84,12 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         20.0, ge=0, description="On SIGTERM: seconds running generations may go on before they are cancelled."
     )
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: torch's default.")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="Threads of each kernel (torch's and ONNX Runtime's pools); 0: the CPUs this process may use "
+        "(the smaller of its cgroup CPU quota, rounded up, and its CPU affinity).",
+    )
     log_level: str = Field("info", description="Log level; logs are JSON lines with the request id, never a prompt.")
     max_training_text_bytes: int = Field(
         1_000_000, ge=1, description="Largest text a training job accepts, in UTF-8 bytes; beyond: 413."

@@ -16,7 +16,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from app import __version__, logs
+from app import __version__, logs, metrics
 from app.api.deps import KeyLimiter, Services, require_owner
 from app.api.errors import register_exception_handlers
 from app.api.middleware import BodySizeLimit, RequestContext
@@ -25,6 +25,7 @@ from app.api.reload import Reloader
 from app.api.routes import admin, generate, health, inspect, models, openai, playground, score, sessions, trainings, ws
 from app.api.schemas import ErrorResponse
 from app.config import Settings, get_settings
+from app.cpus import cpu_budget
 from app.engine.compute import Compute
 from app.engine.engine import Engine
 from app.jobs.service import Trainings
@@ -49,8 +50,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        budget = cpu_budget()
+        threads = settings.torch_threads or budget.count
+        torch.set_num_threads(threads)  # and ONNX Runtime's pools, which the engine sizes to torch's
+        metrics.CPU_BUDGET.labels(budget.source).set(budget.count)
+        log.info("cpu budget %d (%s): %d thread(s) per kernel", budget.count, budget.source, threads)
         compute = Compute()  # every torch call of the process runs on this one thread
         registry = await compute.run(Registry.load, settings.models_dir, settings.default_model)
         store = make_store(settings)

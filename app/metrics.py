@@ -26,6 +26,8 @@ BATCH = Histogram(
 # choosing characters (sampling, stop strings, logprobs) and the rest of a trip (batch bookkeeping)
 ENGINE_SECONDS = Counter("rnnserve_engine_seconds_total", "Compute-thread time in engine trips", ["model", "phase"])
 PHASES = ("prefill", "step", "choose", "bookkeeping")
+# the CPUs this process may use, to which its torch and ONNX Runtime thread pools are sized (app.cpus)
+CPU_BUDGET = Gauge("rnnserve_cpu_budget", "CPUs this process may use, by where the figure comes from", ["source"])
 SESSIONS = Counter("rnnserve_session_ops_total", "Session store outcomes", ["outcome"])  # hit|miss|conflict|error
 STATE_BYTES = Histogram(
     "rnnserve_session_state_bytes", "Size of stored session records", buckets=(1e3, 4e3, 16e3, 64e3, 256e3, 1e6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,8 +13,10 @@ from app.checkpoint import save_checkpoint
 from app.nn import CharRNN, ModelConfig
 from app.vocab import Vocab
 
-# The test machine is small and often shared with training runs: one thread, tiny models.
+# The test machine is small and often shared with training runs: one thread, tiny models; and the
+# servers the tests start, in this process or another, one thread each unless a test says otherwise.
 torch.set_num_threads(1)
+os.environ.setdefault("RNNSERVE_TORCH_THREADS", "1")
 
 CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 

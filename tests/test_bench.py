@@ -53,7 +53,8 @@ def test_bench_measures_both_engines_and_writes_the_tables(tmp_path: Path, monke
     for r in results.values():
         assert r["single_chars_per_s"] > 0
         assert set(r["aggregate_chars_per_s"]) == {"1", "4"} and all(r["aggregate_chars_per_s"].values())
-        assert r["runs"] == {"1": 2, "4": 2}  # runs of well under 5 s: the median of the most runs allowed
+        # as many runs as fit in 5 s, at least one and at most the 2 allowed: how many depends on the machine's speed
+        assert set(r["runs"]) == {"1", "4"} and all(1 <= n <= 2 for n in r["runs"].values())
         assert set(r["continuation_ms"]) == {"10", "1000"}
     for mode in ("batched", "int8"):
         phases = results[mode]["phases"]["4"]
@@ -61,7 +62,9 @@ def test_bench_measures_both_engines_and_writes_the_tables(tmp_path: Path, monke
         assert sum(phases.values()) <= 1.05  # shares of one thread's wall time
     ref = data["reference"][0]
     assert ref["bound_chars_per_s"] > 0 and ref["streams"] == 4
-    assert ref["bounds"] >= 2 + 2 + 2 * 2  # before each served run at 4 streams, each kernel and engine run
+    # a bound before each served run (both served modes, both concurrencies), each kernel run and each engine run
+    served_runs = sum(n for mode in ("batched", "int8") for n in results[mode]["runs"].values())
+    assert ref["bounds"] == served_runs + 2 + 2 * 2
     assert set(ref["matmul_gflops_by"]) == {"torch", "onnxruntime"} and min(ref["matmul_gflops_by"].values()) > 0
     for weights in ("fp32", "int8"):
         assert set(ref["ort_chars_per_s"][weights]) == {"1", "4", "32", "128"}

@@ -1,11 +1,10 @@
 """The compute thread: every torch and ONNX Runtime call of a serving process runs on this one thread.
 
-torch's CPU kernels give each calling thread its own OpenMP thread team, and libgomp stops
-spin-waiting (each parallel region then pays for waking its threads) as soon as the process holds
-more OpenMP threads than CPUs. One calling thread keeps one team: a prompt's whole-sequence pass
-then runs at full speed (a 100-character prompt on 2 cores: about 10 ms instead of 20-28 ms with a
-team per model thread). The models share the thread, so long work runs in slices: a generation's
-trip, a chunk of a prompt, a step of a beam search.
+torch's CPU kernels give each calling thread its own OpenMP thread team. One calling thread keeps one
+team, sized to the CPUs the process may use (app.cpus): its threads never outnumber those CPUs, so a
+prompt's whole-sequence pass runs at full speed, and between regions they spin only briefly
+(app/__init__.py), leaving a busy machine's cores to whoever needs them. The models share the thread,
+so long work runs in slices: a generation's trip, a chunk of a prompt, a step of a beam search.
 """
 
 from __future__ import annotations

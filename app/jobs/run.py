@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.config import get_settings
+from app.cpus import cpu_budget
 from app.jobs.spec import ACTIVE
 from app.jobs.store import TrainingStore, empty_progress, thin
 
@@ -26,18 +26,6 @@ WARMUP_STEPS = 10  # a short job may run only a few hundred steps
 
 class Cancelled(Exception):
     """The job's record left 'running' (a DELETE): stop training, publish nothing."""
-
-
-def available_cpus() -> int:
-    """The CPUs this process may use: its affinity, bounded by a cgroup v2 quota."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cpus)
 
 
 def batch_shape(train_chars: int) -> tuple[int, int]:
@@ -130,7 +118,7 @@ def train(store: TrainingStore, job_id: str, workspace: Path) -> dict[str, Any] 
     text = store.text(job_id)
     if record is None or text is None:
         raise RuntimeError("the job's record or text is gone from Redis")
-    torch.set_num_threads(settings.training_threads or available_cpus())
+    torch.set_num_threads(settings.training_threads or cpu_budget().count)
     shutil.rmtree(workspace, ignore_errors=True)
     workspace.mkdir(parents=True)
     data = prepare_text(text, record["name"], workspace / "data")

@@ -18,6 +18,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from app.cpus import cpu_budget
 from app.nn.fused import FusedStep
 from app.nn.model import CharRNN, State, Step, state_from_parts, state_parts
 
@@ -45,8 +46,9 @@ def _session(model: CharRNN, fn: Step, ids: Tensor, threads: int,
              lengths: bool = False, weights: str = "fp32") -> ort.InferenceSession:  # fmt: skip
     """Export `fn(ids, state) -> (logits, state)` (ids batched on their last dim) and open it in ONNX Runtime.
 
-    `lengths`: the graph takes one more input, `lens` (B,) int32, each row's length: its recurrent
-    ops then stop each row at its own length (ONNX's `sequence_lens`). `weights`: one of WEIGHTS.
+    `threads`: ONNX Runtime's intra-op threads, 0: the CPU budget (app.cpus). `lengths`: the graph takes
+    one more input, `lens` (B,) int32, each row's length: its recurrent ops then stop each row at its own
+    length (ONNX's `sequence_lens`). `weights`: one of WEIGHTS.
     """
     c = model.config
     lstm = c.arch == "lstm"
@@ -78,13 +80,16 @@ def _session(model: CharRNN, fn: Step, ids: Tensor, threads: int,
             node.input[4] = "lens"  # sequence_lens
     if weights == "int8":
         graph = quantize_weights(graph)
+    budget = cpu_budget().count
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or budget
     options.inter_op_num_threads = 1
     # the threads spin between the parallel sections of a call (a step of a few rows is a handful of
     # short matrix products, each of which would otherwise wake a sleeping thread) and stop as soon as
-    # the call returns: between calls they take no core from the event loop
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    # the call returns: between calls they take no core from the event loop. More threads than the
+    # CPUs this process may use would spin on each other's cores: they sleep instead.
+    spinning = "1" if options.intra_op_num_threads <= budget else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
     options.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
 

@@ -6,11 +6,16 @@ import json
 import logging
 import re
 import time
+from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
+from app.config import Settings
+from app.cpus import CpuBudget
 from app.logs import JsonFormatter
+from app.main import create_app
 
 
 def metric(text: str, name: str, default: float | None = None, **labels: str) -> float:
@@ -71,3 +76,24 @@ def test_access_log_is_json_with_request_id_and_no_prompt(client: TestClient, ca
     line = json.loads(JsonFormatter().format(access[-1]))
     assert line["request_id"] == "rid-7" and line["route"] == "/generate" and line["status"] == 200
     assert all(secret not in r.getMessage() and secret not in str(getattr(r, "fields", "")) for r in caplog.records)
+
+
+def test_threads_follow_the_cpu_budget_which_metrics_export(
+    tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def compute_threads(client: TestClient) -> int:
+        assert client.portal is not None
+        return client.portal.call(client.app.state.services.engine.compute.run, torch.get_num_threads)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr("app.main.cpu_budget", lambda: CpuBudget(3, "cgroup cpu.max"))
+    try:
+        app = create_app(Settings(models_dir=tiny_models_dir, default_model="tiny-lstm", torch_threads=0))
+        with caplog.at_level(logging.INFO, logger="app"), TestClient(app) as client:
+            assert compute_threads(client) == 3
+            assert metric(client.get("/metrics").text, "rnnserve_cpu_budget", source="cgroup cpu.max") == 3
+        assert "cpu budget 3 (cgroup cpu.max): 3 thread(s)" in caplog.text
+        app = create_app(Settings(models_dir=tiny_models_dir, default_model="tiny-lstm", torch_threads=2))
+        with TestClient(app) as client:
+            assert compute_threads(client) == 2  # the setting wins over the budget
+    finally:
+        torch.set_num_threads(1)

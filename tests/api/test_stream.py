@@ -97,7 +97,7 @@ def slow_down(monkeypatch: pytest.MonkeyPatch, engine: ModelEngine, delay: float
     monkeypatch.setattr(engine.kernels, "prefill", Slow(engine.kernels.prefill, delay))
 
 
-def wait_for(condition: Any, timeout: float = 3.0) -> bool:
+def wait_for(condition: Any, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():

@@ -407,7 +407,7 @@ def test_abort_of_a_queued_request_frees_its_queue_place(tiny_model: Callable[..
             queued.abort()
             await steps_reach(engine, engine.steps + 3)
             load = engine.load
-            item = await queued.next(timeout=0.5)
+            item = await queued.next(timeout=10)
             runner.abort()
             await collect(runner)
             return load, engine.load, item
@@ -602,7 +602,7 @@ def test_a_failing_beam_search_ends_its_stream(
     async def main() -> tuple[str | GenerationResult | None, int]:
         async with started(make_engine(tiny_model("gru"), vocab)) as engine:
             stream = engine.submit(request(vocab, "A", 10, SamplingParams(strategy="beam")))
-            item = await stream.next(timeout=3)
+            item = await stream.next(timeout=30)
             return item, engine.load
 
     item, load = run(main())

@@ -8,6 +8,7 @@ import onnx
 import pytest
 import torch
 
+from app.cpus import CpuBudget
 from app.nn import ARCHS, CharRNN, FusedStep, State, select_state, state_from_parts, state_parts
 from app.nn.onnx_step import QUANT_BLOCK, OnnxPrefill, OnnxStep, quantize_weights
 
@@ -72,3 +73,17 @@ def test_quantizing_refuses_what_it_cannot_quantize(tiny_model: Callable[..., Ch
     empty = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))
     with pytest.raises(RuntimeError, match="no weight matrix was quantized"):
         quantize_weights(empty)
+
+
+def test_threads_default_to_the_cpu_budget_and_spin_only_within_it(
+    tiny_model: Callable[..., CharRNN], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("app.nn.onnx_step.cpu_budget", lambda: CpuBudget(2, "cgroup cpu.max"))
+
+    def options(threads: int) -> tuple[int, str]:
+        opts = OnnxStep(tiny_model("gru"), threads=threads).session.get_session_options()
+        return opts.intra_op_num_threads, opts.get_session_config_entry("session.intra_op.allow_spinning")
+
+    assert options(0) == (2, "1")
+    assert options(1) == (1, "1")
+    assert options(3) == (3, "0")  # more threads than CPUs: they would spin on each other's cores
