@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from app.engine.config import Weights
 
 if TYPE_CHECKING:
-    from app.training.corpus import Corpus
+    pass
 
 DATA_DIR = Path("data/shakespeare")
 BENCH_JSON_DEFAULT = "docs/bench.json"
@@ -45,6 +45,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from app.checkpoint import check_name, update_meta
     from app.training.corpus import CORPUS_NAME, Corpus
+    from app.training.evaluate import evaluate_splits
     from app.training.sizing import sized_defaults
     from app.training.trainer import Trainer, train_config_from
     from app.vocab import Vocab
@@ -94,20 +95,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     metrics = evaluate_splits(out_dir, data)
     update_meta(out_dir, metrics=metrics)
     print(json.dumps(metrics, indent=2))
-
-
-def evaluate_splits(model_dir: Path, data: Corpus) -> dict[str, float]:
-    """Reported metrics: one stream over each whole held-out split."""
-    from app.checkpoint import load_checkpoint
-    from app.training.evaluate import text_loss
-
-    ckpt = load_checkpoint(model_dir)
-    metrics: dict[str, float] = {}
-    for split in ("val", "test"):
-        loss = text_loss(ckpt.model, ckpt.vocab, data.text(split))
-        metrics[f"{split}_nats_per_char"] = round(loss.nats_per_char, 4)
-        metrics[f"{split}_bits_per_char"] = round(loss.bits_per_char, 4)
-    return metrics
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -108,8 +108,8 @@ def train(store: TrainingStore, job_id: str, workspace: Path) -> dict[str, Any] 
     import torch
 
     from app.checkpoint import publish, update_meta
-    from app.cli import evaluate_splits
     from app.training.corpus import prepare_text
+    from app.training.evaluate import evaluate_splits
     from app.training.trainer import TrainConfig, Trainer
     from app.vocab import Vocab
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from app.nn import CharRNN, Step
 from app.vocab import Vocab
+
+if TYPE_CHECKING:
+    from app.training.corpus import Corpus
 
 
 @dataclass(frozen=True)
@@ -74,3 +79,16 @@ def text_loss(model: CharRNN, vocab: Vocab, text: str, step: Step | None = None)
     """
     ids = torch.tensor([vocab.bos, *vocab.encode(text, unknown="skip")], dtype=torch.long)
     return stream_loss(model, ids) if step is None else step_loss(step, model, ids)
+
+
+def evaluate_splits(model_dir: Path, data: Corpus) -> dict[str, float]:
+    """Reported metrics: one stream over each whole held-out split."""
+    from app.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(model_dir)
+    metrics: dict[str, float] = {}
+    for split in ("val", "test"):
+        loss = text_loss(ckpt.model, ckpt.vocab, data.text(split))
+        metrics[f"{split}_nats_per_char"] = round(loss.nats_per_char, 4)
+        metrics[f"{split}_bits_per_char"] = round(loss.bits_per_char, 4)
+    return metrics

@@ -87,5 +87,7 @@ def test_the_views_are_tabs_the_arrow_keys_move_between(page: Page) -> None:
     expect(page.locator("#panel-compare")).to_be_visible()
     expect(page.locator("#panel-playground")).to_be_hidden()
     assert page.evaluate("location.hash") == "#compare"
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#panel-train")).to_be_visible()
     page.keyboard.press("ArrowRight")  # wraps round
     expect(page.locator("#panel-playground")).to_be_visible()
