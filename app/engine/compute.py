@@ -2,8 +2,7 @@
 
 torch's CPU kernels give each calling thread its own OpenMP thread team. One calling thread keeps one
 team, sized to the CPUs the process may use (app.cpus): its threads never outnumber those CPUs, so a
-prompt's whole-sequence pass runs at full speed, and between regions they spin only briefly
-(app/__init__.py), leaving a busy machine's cores to whoever needs them. The models share the thread,
+prompt's whole-sequence pass runs at full speed. The models share the thread,
 so long work runs in slices: a generation's trip, a chunk of a prompt, a step of a beam search. A
 slice of long work (a scored text, a prompt, a beam search) runs on fewer threads while other
 processes leave fewer CPUs free than the team has threads: a team waits for its slowest thread, and a
