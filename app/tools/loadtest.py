@@ -342,8 +342,9 @@ class Load:
         if reply.ok and reply.body is not None:
             usage = reply.body["usage"]
             booked.expected += usage["prompt_chars"] + usage["completion_chars"]
-        elif reply.status is None or reply.status == 200:
-            booked.unsure.append((0, len(prompt) + max_tokens))  # broke mid-way: saved up to some character
+        elif reply.status in (None, 200, 502):
+            # broke mid-way, or its replica died under nginx (502): saved up to some character, or not
+            booked.unsure.append((0, len(prompt) + max_tokens))
         elif reply.status == 503:
             booked.unsure.append((len(prompt) + max_tokens, len(prompt) + max_tokens))  # Redis died after commit?
         return reply
