@@ -32,6 +32,7 @@ from app.errors import ConflictError, NotFoundError, OverloadedError, Unavailabl
 from app.jobs.spec import ACTIVE, FINAL, Limits, TrainingSpec
 from app.jobs.store import TrainingStore
 from app.jobs.worker import JOB_FUNCTION, queue, terminate_on_parent_exit
+from app.procs import stop
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +92,8 @@ class LocalBackend:
 
     def close(self) -> None:
         for proc in (getattr(self, "worker", None), self.redis):
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.terminate()  # the worker stops its running job at once
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            if proc is not None:
+                stop(proc, timeout=10)  # the worker stops its running job at once
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -30,6 +30,7 @@ from app.engine.sequence import GenerationRequest, GenerationResult
 from app.engine.stream import Stream
 from app.metrics import PHASES
 from app.nn import CharRNN
+from app.procs import stop
 from app.tools.cluster import free_ports, start_cluster
 from app.tools.readme import replace_section, write_section
 
@@ -120,11 +121,7 @@ class Server:
         raise RuntimeError("server did not become ready")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop(self.proc)
 
 
 def percentile(values: list[float], q: float) -> float:

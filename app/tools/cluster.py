@@ -30,6 +30,8 @@ from pathlib import Path
 
 import httpx
 
+from app.procs import stop
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NGINX_CONF = REPO_ROOT / "deploy" / "nginx.conf"
 # a restart waits 1 s, then twice as long after each exit that came within STABLE_SECONDS of its start
@@ -90,13 +92,7 @@ class Child:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
     def stop(self, timeout: float = 30.0) -> None:  # > RNNSERVE_SHUTDOWN_GRACE_SECONDS: replicas drain
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop(self.proc, timeout)
         self.reap_group()
 
 

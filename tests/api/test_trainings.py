@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
+from app.procs import stop
 from tests.api.conftest import ROOT, error_of, write_tiny_models
 from tests.conftest import TINY_TEXT, RedisServer
 
@@ -52,12 +53,7 @@ class Worker:
             )
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop(self.proc)
 
 
 @pytest.fixture(scope="module")

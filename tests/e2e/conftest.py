@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from app.procs import stop
 from tests.conftest import unavailable
 
 if TYPE_CHECKING:
@@ -85,12 +86,7 @@ class Server:
             return answer
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop(self.proc)
 
 
 def require_playwright() -> None:
