@@ -89,9 +89,6 @@ class Reloader:
             changes = await off_compute(self.registry.scan, retry_refused)
             report = ReloadReport(refused=dict(changes.refused))
             for name, ckpt in {**changes.added, **changes.replaced}.items():
-                old = self.engine.engines.get(name)
-                if old is not None:  # requests holding the old checkpoint still find its engine
-                    self.engine.retired[id(old.ckpt)] = old
                 try:
                     built = await off_compute(self.engine.build, ckpt)
                 except Exception as e:
@@ -99,7 +96,7 @@ class Reloader:
                     report.refused[name] = f"{name}: cannot start its engine ({type(e).__name__}: {e})"
                     self.registry.refused[name] = self.registry.seen.pop(name, ())
                     continue
-                self.engine.engines[name] = built
+                old = self.engine.install(built)
                 built.start()
                 # no await since the engine took its place: the registry switches in the same step
                 replacing = name in changes.replaced
@@ -109,9 +106,8 @@ class Reloader:
                     self._retire(old)
             self.registry.apply(Changes(removed=changes.removed, meta=changes.meta))
             for name in changes.removed:
-                gone = self.engine.engines.pop(name, None)
+                gone = self.engine.remove(name)
                 if gone is not None:
-                    self.engine.retired[id(gone.ckpt)] = gone
                     self._retire(gone)
                 report.removed.append(name)
             if report.added or report.replaced or report.removed:

@@ -51,6 +51,20 @@ class Engine:
         for e in [*self.engines.values(), *self.retired.values()]:
             e.abort_all()
 
+    def install(self, engine: ModelEngine) -> ModelEngine | None:
+        """Serve `engine` for its model; the engine it replaces, if any, is retired and returned
+        (requests holding the old weights still find it)."""
+        old = self.remove(engine.ckpt.name)
+        self.engines[engine.ckpt.name] = engine
+        return old
+
+    def remove(self, name: str) -> ModelEngine | None:
+        """Stop serving model `name`; its engine, if any, is retired (it finishes what it runs) and returned."""
+        old = self.engines.pop(name, None)
+        if old is not None:
+            self.retired[id(old.ckpt)] = old
+        return old
+
     def engine_of(self, ckpt: Checkpoint) -> ModelEngine:
         """The engine running exactly these weights (a request may hold weights replaced since)."""
         engine = self.engines.get(ckpt.name)
